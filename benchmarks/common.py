@@ -1,0 +1,48 @@
+"""Timing helpers: compile apart, block_until_ready, median of many runs, device named."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+  return f"{d.platform} ({d.device_kind})"
+
+
+def timeit(fn, *, repeats: int, warmup: int = 1) -> dict:
+  """Runs `fn()` (which must block until its result is ready) and returns timings in ms.
+
+  The first call is timed apart as `first_ms` (for a jitted function: compile + run).
+  """
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    fn()
+  runs = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    runs.append(time.perf_counter() - t0)
+  return {
+    "first_ms": 1e3 * first,
+    "median_ms": 1e3 * statistics.median(runs),
+    "min_ms": 1e3 * min(runs),
+    "repeats": repeats,
+  }
+
+
+def write_jsonl(path: str, rows: list) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "a") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")

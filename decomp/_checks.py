@@ -1,0 +1,91 @@
+"""Argument checks shared by the public wrappers of `decomp`.
+
+Each check raises `ValueError` naming the argument, the value it got and the allowed
+range. Checks that need values (NaN/Inf) run only on concrete arrays: under a user's
+`jit` or `vmap` the values are tracers and only shapes can be checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int = 1) -> jax.Array:
+  """Returns `x` as a floating jax array after checking its rank and its values."""
+  if isinstance(x, jax.core.Tracer):
+    arr = x
+  else:
+    arr = jnp.asarray(x)
+  if not jnp.issubdtype(arr.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array, got dtype {arr.dtype}.")
+  if ndim is not None and arr.ndim != ndim:
+    raise ValueError(f"{name} must be {ndim}-way, got shape {tuple(arr.shape)} ({arr.ndim}-way).")
+  if arr.ndim < min_ndim:
+    raise ValueError(f"{name} must have at least {min_ndim} modes, got shape {tuple(arr.shape)}.")
+  if 0 in arr.shape:
+    raise ValueError(f"{name} must not have an empty mode, got shape {tuple(arr.shape)}.")
+  if is_concrete(arr) and not bool(jnp.all(jnp.isfinite(arr))):
+    raise ValueError(f"{name} contains NaN or Inf; decompositions need finite input.")
+  return arr
+
+
+def as_kernel(kernel, name: str = "kernel") -> jax.Array:
+  """A Flax conv kernel `(d_h, d_w, S, T)`."""
+  return as_float_array(kernel, name, ndim=4)
+
+
+def check_rank(rank, name: str, hi: int, lo: int = 1) -> int:
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {rank!r}.")
+  if not lo <= rank <= hi:
+    raise ValueError(f"{name}={rank} is outside the allowed range [{lo}, {hi}].")
+  return int(rank)
+
+
+def check_eps(eps, name: str = "eps") -> float:
+  if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)):
+    raise ValueError(f"{name} must be a float in (0, 1), got {eps!r}.")
+  if not 0.0 < float(eps) < 1.0:
+    raise ValueError(f"{name}={eps} is outside the allowed range (0, 1).")
+  return float(eps)
+
+
+def check_ratio(ratio, name: str = "ratio") -> float:
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)):
+    raise ValueError(f"{name} must be a float in (0, 1], got {ratio!r}.")
+  if not 0.0 < float(ratio) <= 1.0:
+    raise ValueError(f"{name}={ratio} is outside the allowed range (0, 1].")
+  return float(ratio)
+
+
+def check_method(method: str) -> str:
+  if method not in ("gram", "svd"):
+    raise ValueError(f"method must be 'gram' or 'svd', got {method!r}.")
+  return method
+
+
+def one_of_ranks_eps(ranks, eps, fn: str) -> None:
+  if (ranks is None) == (eps is None):
+    raise ValueError(f"{fn}: give exactly one of ranks= or eps=, got ranks={ranks!r}, eps={eps!r}.")
+
+
+def rank_tuple(ranks, n: int, name: str) -> tuple:
+  """`ranks` as a tuple of length `n`; an int is repeated."""
+  if isinstance(ranks, (int, np.integer)) and not isinstance(ranks, bool):
+    return (int(ranks),) * n
+  if not isinstance(ranks, Sequence) or len(ranks) != n:
+    raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {ranks!r}.")
+  return tuple(ranks)
+
+
+def prod(xs) -> int:
+  return int(math.prod(xs))

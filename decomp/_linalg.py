@@ -1,0 +1,90 @@
+"""Truncated SVD kernels used by every decomposition.
+
+Two routes to the leading singular subspace of a matrix `m` of shape `(a, b)`:
+
+- `"svd"`: `jnp.linalg.svd`; the exact reference.
+- `"gram"`: `eigh` of the smaller Gram matrix (`m m^T` if `a <= b`, else `m^T m`).
+  Squaring the matrix loses the singular values below about `sqrt(machine eps)` of
+  the largest, but not the truncation error: the error of a rank-`k` projection is
+  stationary in the subspace, so subspace errors enter it only to second order. For
+  the tall case the right vectors `V_k` come from `eigh` and the left factor is the
+  Q of `m V_k`, so that `u` is orthonormal to working precision however small the
+  kept singular values are.
+
+Both return `u` (orthonormal columns), the singular values and `rest = u^T m`, so that
+`u @ rest` is the rank-`k` approximation.
+
+Signs are canonical: each column of `u` has its largest-magnitude entry positive (the
+rule of sklearn's `svd_flip`, which TensorLy applies too). Truncation errors do not
+depend on signs, but TR-SVD does: it splits the first left factor's columns into
+`R_0 x R_1`, and a sign flip of single columns is not a Kronecker-structured change,
+so later unfoldings, their ranks and the final error change with it. One convention
+makes both routes, every backend and the references agree. Matrix products run at HIGHEST precision:
+on GPUs the default float32 matmul is TF32, whose 1e-3 relative error would swamp
+the truncation error being measured.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def mm(a, b):
+  return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def _canonical_signs(u: jax.Array, rest: jax.Array):
+  pivot = jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=0)[None, :], axis=0)
+  sign = jnp.where(pivot < 0, -1, 1).astype(u.dtype)
+  return u * sign, rest * sign.reshape(-1, 1)
+
+
+def truncated_svd(m: jax.Array, k: int, method: str):
+  u, s, rest = _truncated_svd(m, k, method)
+  u, rest = _canonical_signs(u, rest)
+  return u, s, rest
+
+
+def _truncated_svd(m: jax.Array, k: int, method: str):
+  """Rank-`k` truncated SVD of `m` `(a, b)`.
+
+  Returns:
+    `(u, s, rest)`: `u` `(a, k)` with orthonormal columns, `s` `(min(a, b),)` all
+    singular values in descending order (for tail norms), `rest` `(k, b) = u^T m`.
+  """
+  a, b = m.shape
+  if method == "svd":
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    return u[:, :k], s, s[:k, None] * vt[:k]
+  if method != "gram":
+    raise ValueError(f"method must be 'gram' or 'svd', got {method!r}.")
+  if a <= b:
+    lam, w = jnp.linalg.eigh(mm(m, m.T))
+    lam, w = lam[::-1], w[:, ::-1]
+    u = w[:, :k]
+    return u, jnp.sqrt(jnp.maximum(lam, 0)), mm(u.T, m)
+  lam, v = jnp.linalg.eigh(mm(m.T, m))
+  lam, v = lam[::-1], v[:, ::-1]
+  vk = v[:, :k]
+  q, t = jnp.linalg.qr(mm(m, vk))
+  return q, jnp.sqrt(jnp.maximum(lam, 0)), mm(t, vk.T)
+
+
+def tail_rank(s: jax.Array, delta: jax.Array) -> jax.Array:
+  """Smallest `r >= 1` with `sqrt(sum_{i >= r} s_i^2) <= delta` (traceable).
+
+  `s` is descending; tails are summed from the small end, which keeps them accurate
+  when they are tiny compared with the norm.
+  """
+  sq = s * s
+  tails = jnp.cumsum(sq[::-1])[::-1]  # tails[r] = sum_{i >= r} s_i^2
+  return 1 + jnp.sum(tails[1:] > delta * delta).astype(jnp.int32)
+
+
+def mask_columns(u: jax.Array, rest: jax.Array, r: jax.Array):
+  """Zeroes the columns `>= r` of `u` and the matching rows of `rest`."""
+  keep = jnp.arange(u.shape[1], dtype=jnp.int32) < r
+  return u * keep[None, :].astype(u.dtype), rest * keep[:, None].astype(rest.dtype)

@@ -1,0 +1,145 @@
+"""Tucker decompositions: truncated HOSVD, HOOI, and Tucker-2 of conv kernels."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from decomp import _checks
+from decomp._linalg import truncated_svd
+from decomp.factors import Tucker, mode_product
+
+
+def _unfold(x: jax.Array, mode: int) -> jax.Array:
+  return jnp.moveaxis(x, mode, 0).reshape(x.shape[mode], -1)
+
+
+def _leading(x: jax.Array, mode: int, r: int, method: str) -> jax.Array:
+  u, _, _ = truncated_svd(_unfold(x, mode), r, method)
+  return u
+
+
+def _project(x: jax.Array, factors, skip: int | None = None) -> jax.Array:
+  """`x x_k U_k^T` for every factored mode `k != skip`."""
+  for k, u in enumerate(factors):
+    if u is not None and k != skip:
+      x = mode_product(x, u.T, k)
+  return x
+
+
+def _check_ranks(x: jax.Array, ranks, fn: str) -> tuple:
+  ranks = _checks.rank_tuple(ranks, x.ndim, "ranks")
+  size = x.size
+  for k, r in enumerate(ranks):
+    if r is not None:
+      # The mode-k unfolding is (I_k, size / I_k); its rank bounds the Tucker rank.
+      _checks.check_rank(r, f"{fn}: ranks[{k}]", min(x.shape[k], size // x.shape[k]))
+  return ranks
+
+
+@functools.partial(jax.jit, static_argnames=("ranks", "method"))
+def _hosvd(x, ranks, method):
+  factors = tuple(None if r is None else _leading(x, k, r, method) for k, r in enumerate(ranks))
+  return Tucker(_project(x, factors), factors)
+
+
+def hosvd(x, ranks, *, method: str = "gram") -> Tucker:
+  """Truncated higher-order SVD (De Lathauwer et al. 2000).
+
+  Factor `k` holds the `r_k` leading left singular vectors of the mode-`k` unfolding;
+  the core is `x x_1 U_1^T ... x_N U_N^T`. With orthonormal factors the squared error
+  is at most the sum of the modes' truncation tails, hence at most `N` times the
+  squared error of the best Tucker approximation of the same ranks.
+
+  Args:
+    x: array `(I_1, ..., I_N)`.
+    ranks: `(r_1, ..., r_N)` (or one int for all modes); `None` leaves a mode alone
+      (no factor, the core keeps `I_k`). `1 <= r_k <= min(I_k, prod_{j != k} I_j)`.
+    method: `"gram"` (eigh of the mode Gram matrices; fast) or `"svd"` (exact reference).
+
+  Returns:
+    `Tucker(core (r_1, ..., r_N), factors)`, factors `(I_k, r_k)` orthonormal or None.
+  """
+  x = _checks.as_float_array(x, "x")
+  ranks = _check_ranks(x, ranks, "hosvd")
+  return _hosvd(x, ranks, _checks.check_method(method))
+
+
+def tucker2(kernel, ranks, *, method: str = "gram") -> Tucker:
+  """Tucker-2 of a conv kernel: Tucker on the two channel modes only (Kim et al. 2016).
+
+  Args:
+    kernel: Flax conv kernel `(d_h, d_w, S, T)`.
+    ranks: `(r_S, r_T)`, `1 <= r_S <= S`, `1 <= r_T <= T` (and at most the size of the
+      other modes together, the rank bound of the unfolding).
+    method: `"gram"` or `"svd"`, as in `hosvd`.
+
+  Returns:
+    `Tucker(core (d_h, d_w, r_S, r_T), (None, None, U_S (S, r_S), U_T (T, r_T)))`. As a
+    conv: 1x1 S->r_S with `U_S`, d_h x d_w conv r_S->r_T with the core, 1x1 r_T->T with
+    `U_T^T`.
+  """
+  kernel = _checks.as_kernel(kernel)
+  if not isinstance(ranks, (tuple, list)) or len(ranks) != 2:
+    raise ValueError(f"tucker2: ranks must be a pair (r_S, r_T), got {ranks!r}.")
+  full = _check_ranks(kernel, (None, None, *ranks), "tucker2")
+  return _hosvd(kernel, full, _checks.check_method(method))
+
+
+@functools.partial(jax.jit, static_argnames=("ranks", "n_iter", "method"))
+def _hooi(x, ranks, n_iter, tol, method):
+  norm2 = jnp.sum(x * x)
+  scale = jnp.sqrt(jnp.maximum(norm2, jnp.finfo(x.dtype).tiny))
+  init = _hosvd(x, ranks, method)
+  modes = [k for k, r in enumerate(ranks) if r is not None]
+
+  def rel_err(core):
+    return jnp.sqrt(jnp.maximum(norm2 - jnp.sum(core * core), 0)) / scale
+
+  def sweep(factors):
+    factors = list(factors)
+    for k in modes:
+      factors[k] = _leading(_project(x, factors, skip=k), k, ranks[k], method)
+    factors = tuple(factors)
+    return factors, _project(x, factors)
+
+  def cond(carry):
+    i, _, err, prev, _ = carry
+    return (i < n_iter) & (jnp.abs(prev - err) > tol)
+
+  def body(carry):
+    i, factors, err, _, hist = carry
+    factors, core = sweep(factors)
+    new = rel_err(core)
+    return i + 1, factors, new, err, hist.at[i].set(new)
+
+  hist = jnp.full((n_iter,), jnp.nan, x.dtype)
+  err0 = rel_err(init.core)
+  inf = jnp.asarray(jnp.inf, x.dtype)
+  _, factors, _, _, hist = jax.lax.while_loop(cond, body, (0, init.factors, err0, inf, hist))
+  return Tucker(_project(x, factors), factors), hist
+
+
+def hooi(x, ranks, *, n_iter: int = 20, tol: float = 1e-6, method: str = "gram"):
+  """Higher-order orthogonal iteration: HOSVD refined by alternating subspace updates.
+
+  Each sweep replaces factor `k` by the leading left singular vectors of the mode-`k`
+  unfolding of `x` projected on the other factors; the error never increases.
+
+  Args:
+    x, ranks, method: as in `hosvd`.
+    n_iter: maximum number of sweeps (>= 1).
+    tol: stop when a sweep lowers the relative error by less than `tol` (>= 0).
+
+  Returns:
+    `(Tucker, errors)`: `errors (n_iter,)` holds the relative error after each sweep,
+    NaN for the sweeps not run.
+  """
+  x = _checks.as_float_array(x, "x")
+  ranks = _check_ranks(x, ranks, "hooi")
+  _checks.check_rank(n_iter, "n_iter", 10**6)
+  if not tol >= 0:
+    raise ValueError(f"tol must be >= 0, got {tol}.")
+  return _hooi(x, ranks, n_iter, jnp.asarray(tol, x.dtype), _checks.check_method(method))

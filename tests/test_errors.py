@@ -1,0 +1,76 @@
+"""Every bad input raises ValueError naming the argument, the value and the allowed range."""
+
+import numpy as np
+import pytest
+
+import decomp
+
+K = np.random.default_rng(0).standard_normal((3, 3, 8, 16)).astype(np.float32)
+
+
+def _nan(x):
+  y = x.copy()
+  y.flat[5] = np.nan
+  return y
+
+
+def _inf(x):
+  y = x.copy()
+  y.flat[3] = np.inf
+  return y
+
+
+CASES = [
+  (lambda: decomp.tucker2(K, (0, 4)), r"ranks\[2\]=0 .*\[1, 8\]"),
+  (lambda: decomp.tucker2(K, (4, 17)), r"ranks\[3\]=17 .*\[1, 16\]"),
+  (lambda: decomp.tucker2(K[0], (4, 4)), r"kernel must be 4-way, got shape \(3, 8, 16\)"),
+  (lambda: decomp.tucker2(_nan(K), (4, 4)), r"kernel contains NaN or Inf"),
+  (lambda: decomp.tucker2(K, 4), r"ranks must be a pair"),
+  (lambda: decomp.hosvd(K, (1, 1, 9, 1)), r"ranks\[2\]=9 .*\[1, 8\]"),
+  (lambda: decomp.hosvd(_inf(K), 2), r"x contains NaN or Inf"),
+  (lambda: decomp.hosvd(K, (1, 2)), r"ranks must be an int or a sequence of 4 ints"),
+  (lambda: decomp.hooi(K, 2, n_iter=0), r"n_iter=0 .*\[1, "),
+  (lambda: decomp.hooi(K, 2, tol=-1.0), r"tol must be >= 0, got -1.0"),
+  (lambda: decomp.cp_als(K, 0), r"rank=0 .*\[1, "),
+  (lambda: decomp.cp_als(K, 3, init="foo"), r"init must be 'svd' or 'random', got 'foo'"),
+  (lambda: decomp.cp_als(_nan(K), 3), r"x contains NaN or Inf"),
+  (lambda: decomp.tt_svd(K, eps=0.0), r"eps=0.0 is outside the allowed range \(0, 1\)"),
+  (lambda: decomp.tt_svd(K, eps=1.0), r"eps=1.0 is outside the allowed range \(0, 1\)"),
+  (lambda: decomp.tt_svd(K, eps=-0.2), r"eps=-0.2 is outside"),
+  (lambda: decomp.tt_svd(K), r"give exactly one of ranks= or eps="),
+  (lambda: decomp.tt_svd(K, ranks=2, eps=0.1), r"give exactly one of ranks= or eps="),
+  (lambda: decomp.tt_svd(K, ranks=(3, 10, 16)), r"ranks\[1\]=10 .*\[1, 9\]"),
+  (lambda: decomp.tt_svd(K, ranks=(3, 9)), r"sequence of 3 ints"),
+  (lambda: decomp.tr_svd(K, ranks=(2, 2, 4, 4)), r"ranks\[0\] \* ranks\[1\] = 4 .*\[1, 3\]"),
+  (lambda: decomp.tr_svd(K, ranks=(1, 3, 0, 4)), r"ranks\[2\]=0 .*\[1, 9\]"),
+  (lambda: decomp.tr_svd(K, eps=1.5), r"eps=1.5 is outside"),
+  (lambda: decomp.tr_svd(K, eps=0.01, split=2), r"split=2 does not divide the first rank 3"),
+  (lambda: decomp.tr_svd(K, ranks=(1, 3, 9, 4), split=1), r"split= goes with eps="),
+  (lambda: decomp.tr_svd(np.ones(5, np.float32), eps=0.1), r"x must have at least 2 modes"),
+  (lambda: decomp.rsdtr(K, eps=0.0), r"eps=0.0 is outside"),
+  (lambda: decomp.rsdtr(K[..., 0], eps=0.3), r"kernel must be 4-way"),
+  (lambda: decomp.rsdtr(_nan(K), eps=0.3), r"NaN or Inf"),
+  (lambda: decomp.rsdtr(K, eps=0.3, method="qr"), r"method must be 'gram' or 'svd', got 'qr'"),
+  (lambda: decomp.lowered_svd(K, 17), r"rank=17 .*\[1, 16\]"),
+  (lambda: decomp.lowered_svd(K, 0), r"rank=0 .*\[1, 16\]"),
+  (
+    lambda: decomp.tiled_svd(np.ones((6, 9)), grid=(4, 3), rank=1),
+    r"grid\[0\]=4 does not divide the matrix dimension 6",
+  ),
+  (lambda: decomp.tiled_svd(np.ones((6, 9)), grid=(2, 3), rank=4), r"rank=4 .*\[1, 3\]"),
+  (lambda: decomp.tiled_svd(np.ones((6, 9)), grid=(2,), rank=1), r"grid must be a pair"),
+  (lambda: decomp.tiled_svd_rank((64, 64), (1, 1), ratio=0.001), r"ratio=0.001 is below"),
+  (lambda: decomp.tucker2_ranks((3, 3, 8, 8), ratio=1.5), r"ratio=1.5 is outside .*\(0, 1\]"),
+  (lambda: decomp.tucker2_ranks((3, 3, 8, 8), ratio=0.0), r"ratio=0.0 is outside"),
+  (lambda: decomp.tucker2(np.ones((3, 3, 8, 8), np.int32), (2, 2)), r"floating-point"),
+  (
+    lambda: decomp.rel_error(K, decomp.lowered_svd(K[:, :, :4], 2)),
+    r"x has shape \(3, 3, 8, 16\) but the factorization reconstructs shape \(3, 3, 4, 16\)",
+  ),
+]
+
+
+@pytest.mark.parametrize("call,match", CASES)
+def test_bad_input_raises_value_error(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()

@@ -1,0 +1,52 @@
+"""The truncated-SVD kernels against float64 numpy: Eckart-Young errors, orthogonality."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decomp._linalg import tail_rank, truncated_svd
+from tests import reference as ref
+
+SHAPES = [(7, 30), (30, 7), (16, 16), (64, 576), (576, 64), (1, 9), (9, 1)]
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_truncation_error_is_eckart_young(method, shape):
+  rng = np.random.default_rng(0)
+  m = rng.standard_normal(shape)
+  s_ref = np.linalg.svd(m, compute_uv=False)
+  for k in sorted({1, min(shape) // 2 or 1, min(shape)}):
+    u, s, rest = truncated_svd(jnp.asarray(m), k, method)
+    u, rest = np.asarray(u), np.asarray(rest)
+    err = np.linalg.norm(m - u @ rest)
+    assert err == pytest.approx(ref.tails(s_ref)[k], abs=1e-10 * np.linalg.norm(m))
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(s), s_ref, rtol=1e-6, atol=1e-7 * s_ref[0])
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_float32_gram_within_one_percent_of_exact(method):
+  rng = np.random.default_rng(1)
+  m = rng.standard_normal((256, 2304)).astype(np.float32)
+  s_ref = np.linalg.svd(m.astype(np.float64), compute_uv=False)
+  for k in (16, 64, 128):
+    u, _, rest = truncated_svd(jnp.asarray(m), k, method)
+    err = np.linalg.norm(m.astype(np.float64) - np.asarray(u, np.float64) @ np.asarray(rest))
+    assert err <= 1.01 * ref.tails(s_ref)[k]
+
+
+def test_exact_low_rank_to_machine_precision():
+  rng = np.random.default_rng(2)
+  m = rng.standard_normal((40, 5)) @ rng.standard_normal((5, 90))
+  for method in ("gram", "svd"):
+    u, _, rest = truncated_svd(jnp.asarray(m), 5, method)
+    assert np.linalg.norm(m - np.asarray(u) @ np.asarray(rest)) <= 1e-12 * np.linalg.norm(m)
+
+
+def test_tail_rank_matches_brute_force():
+  rng = np.random.default_rng(3)
+  for _ in range(50):
+    s = np.sort(rng.exponential(size=12))[::-1]
+    delta = rng.uniform(0, np.linalg.norm(s))
+    assert int(tail_rank(jnp.asarray(s), jnp.asarray(delta))) == ref.eps_rank(s, delta)
