@@ -15,9 +15,11 @@ shift, then the smallest `R_0`. This is exactly the paper's search space, so the
 storage found is the paper's (up to rounding at a rank boundary).
 
 How it is fast: the first truncation of each shift is done once per kernel (not once per
-split), batched over all kernels of one shape with `vmap`; every split then runs the
-rest of the sweep in one batched call per static pad size (`decomp.train_ring._tr_rest`),
-with the split's ranks traced. Only ranks travel to the host.
+split), batched over all kernels of one shape with `vmap`; a lower bound on each
+candidate's storage (from eps-ranks of the kernel's unfoldings) skips the candidates
+that cannot win; the others run the rest of the sweep in one batched call per static
+pad size (`decomp.train_ring._tr_rest`), with the split's ranks traced. Only ranks and
+spectra travel to the host.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp import _checks
-from decomp._linalg import tail_rank
+from decomp._linalg import mm, tail_rank
 from decomp.factors import TR, num_params, reconstruct
 from decomp.train_ring import _tr_first, _tr_rest, divisor_pairs
 
@@ -52,8 +54,10 @@ class RSDTR:
       `(R_0, S, R_1)`, `(R_1, d_h, R_2)`, `(R_2, d_w, R_3)`, `(R_3, T, R_0)`.
     shift: the winning shift `s`: the sweep started at ring mode `s` (0: S, 1: d_h, ...).
     ranks: `(R_0, R_1, R_2, R_3)` of `tr`.
-    candidates: `((shift, r0, r1), storage)` for every candidate searched; `r0 r1` is the
-      split of the first rank of that shift's sweep.
+    candidates: `((shift, r0, r1), storage, lower_bound)` for every candidate of the
+      search; `r0 r1` is the split of the first rank of that shift's sweep. `storage` is
+      None for a candidate whose lower bound exceeded a storage already found (it
+      cannot win, so it was not evaluated).
   """
 
   tr: TR
@@ -66,7 +70,8 @@ class RSDTR:
 
   @property
   def storage(self) -> dict:
-    return dict(self.candidates)
+    """`{(shift, r0, r1): storage}` of the candidates evaluated."""
+    return {c: s for c, s, _ in self.candidates if s is not None}
 
 
 @reconstruct.register
@@ -104,7 +109,22 @@ def _shift_axes(shift: int) -> tuple:
 def _first_many(rings, delta, shift, method):
   x = jnp.transpose(rings, _shift_axes(shift))
   u, s, rest = jax.vmap(lambda y: _tr_first(y, method))(x)
-  return u, rest, jax.vmap(tail_rank)(s, delta)
+  return u, rest, jax.vmap(tail_rank)(s, delta), s
+
+
+@jax.jit
+def _pair_spectra(rings):
+  """Singular values of the two 2|2 unfoldings of the ring, `(S d_h | d_w T)` and
+  `(d_h d_w | T S)`, from `eigvalsh` of the smaller Gram matrix."""
+
+  def spectrum(m):
+    g = mm(m, m.T) if m.shape[0] <= m.shape[1] else mm(m.T, m)
+    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(g)[::-1], 0))
+
+  b, s, dh, dw, t = rings.shape
+  a = rings.reshape(b, s * dh, dw * t)
+  c = jnp.transpose(rings, (0, 2, 3, 4, 1)).reshape(b, dh * dw, t * s)
+  return jax.vmap(spectrum)(a), jax.vmap(spectrum)(c)
 
 
 @functools.partial(jax.jit, static_argnames=("p0", "p1", "method"))
@@ -113,8 +133,35 @@ def _rest_many(u, rest, idx, r0, r1, delta, p0, p1, method):
   return jax.vmap(fn)(u[idx], rest[idx], r0, r1, delta[idx])
 
 
+def _eps_rank(s: np.ndarray, bound: float) -> int:
+  """Smallest k with `||s[k:]|| <= bound` (0 allowed: the rank of the zero matrix)."""
+  tails = np.append(np.cumsum((s.astype(np.float64) ** 2)[::-1])[::-1], 0.0)
+  return int(np.argmax(tails <= bound * bound))
+
+
+def _lower_bound(dims, r0, r1, rho, pi_next, pi_after) -> int:
+  """A lower bound on the storage of the TR-SVD candidate `(r0, r1)` of one shift.
+
+  The candidate approximates `x` within `eps`, so each unfolding of its ring has at least
+  the eps-rank of that unfolding of `x` (Eckart-Young), and a ring bounds unfolding ranks
+  by products of its ranks: mode `k+1` alone by `R_1 R_2`, mode `k+3` by `R_3 R_0`, the
+  mode pair `(k, k+1)` by `R_0 R_2`, the pair `(k+1, k+2)` by `R_1 R_3`. So
+  `R_2 >= max(rho_1 / R_1, pi_01 / R_0)` and `R_3 >= max(rho_3 / R_0, pi_12 / R_1)`.
+  """
+  r2 = max(1, -(-rho[1] // r1), -(-pi_next // r0))
+  r3 = max(1, -(-rho[3] // r0), -(-pi_after // r1))
+  return tr_storage(dims, (r0, r1, r2, r3))
+
+
 def rsdtr_stack(kernels, *, eps: float, method: str = "gram") -> list:
-  """RSDTR of a stack of same-shape kernels `(B, d_h, d_w, S, T)`: one `RSDTR` each."""
+  """RSDTR of a stack of same-shape kernels `(B, d_h, d_w, S, T)`: one `RSDTR` each.
+
+  The search is exact but does not evaluate every candidate: each candidate's storage
+  has a lower bound from the eps-ranks of the kernel's unfoldings (`_lower_bound`);
+  after one round that evaluates each kernel's most promising candidate, only the
+  candidates whose bound does not exceed the best storage found are evaluated. The
+  result is the exhaustive search's (tested against a brute-force search).
+  """
   kernels = _checks.as_float_array(kernels, "kernels", ndim=5)
   eps = _checks.check_eps(eps)
   method = _checks.check_method(method)
@@ -122,45 +169,77 @@ def rsdtr_stack(kernels, *, eps: float, method: str = "gram") -> list:
   ring_shape = rings.shape[1:]
   norms = jnp.linalg.norm(rings.reshape(rings.shape[0], -1), axis=1)
   delta = (eps / math.sqrt(3)) * norms
+  n_kernels = rings.shape[0]
 
   firsts = [_first_many(rings, delta, shift, method) for shift in range(4)]
-  first_ranks = jax.device_get([f[2] for f in firsts])
+  host = jax.device_get(
+    ([f[2] for f in firsts], [f[3] for f in firsts], _pair_spectra(rings), norms)
+  )
+  first_ranks, mode_spectra, (spec_a, spec_b), norms_h = host
+  # eps-ranks of x's unfoldings at the whole error budget, with a hair of slack so that
+  # float rounding of a candidate's error can never make a bound invalid.
+  bound = [eps * (1 + 1e-3) * float(n) for n in norms_h]
+  rho = [[_eps_rank(mode_spectra[m][b], bound[b]) for m in range(4)] for b in range(n_kernels)]
+  pi = [(_eps_rank(spec_a[b], bound[b]), _eps_rank(spec_b[b], bound[b])) for b in range(n_kernels)]
 
-  # Every (kernel, shift, split), grouped by the static pads it compiles for.
-  groups: dict = {}
+  lower: dict = {}
   for shift in range(4):
-    for b, r in enumerate(first_ranks[shift]):
-      for r0, r1 in divisor_pairs(int(r)):
-        groups.setdefault((shift, _pad(r0), _pad(r1)), []).append((b, r0, r1))
-  outputs = {}
-  for (shift, p0, p1), items in groups.items():
-    u, rest, _ = firsts[shift]
-    idx, r0, r1 = (np.asarray(c, np.int32) for c in zip(*items, strict=True))
-    outputs[shift, p0, p1] = _rest_many(u, rest, idx, r0, r1, delta, p0=p0, p1=p1, method=method)
-  found = jax.device_get({k: v[1] for k, v in outputs.items()})
-
-  best: dict = {}
-  candidates: dict = {b: [] for b in range(rings.shape[0])}
-  for key, items in groups.items():
-    shift = key[0]
     dims = tuple(ring_shape[(shift + k) % 4] for k in range(4))
-    for j, (b, r0, r1) in enumerate(items):
-      ranks = (r0, r1, *(int(v) for v in found[key][j]))
-      storage = tr_storage(dims, ranks)
-      candidates[b].append(((shift, r0, r1), storage))
-      order = (storage, shift, r0)
-      if b not in best or order < best[b][0]:
-        best[b] = (order, key, j, ranks)
+    for b in range(n_kernels):
+      rho_s = [rho[b][(shift + k) % 4] for k in range(4)]
+      # Pair (shift, shift+1) is unfolding A for even shifts, B for odd ones.
+      pi_next, pi_after = pi[b] if shift % 2 == 0 else pi[b][::-1]
+      for r0, r1 in divisor_pairs(int(first_ranks[shift][b])):
+        lower[b, shift, r0, r1] = _lower_bound(dims, r0, r1, rho_s, pi_next, pi_after)
+
+  evaluated: dict = {}  # (b, shift, r0, r1) -> (storage, ranks, key, j)
+  outputs: dict = {}
+
+  def evaluate(cands):
+    groups: dict = {}
+    for b, shift, r0, r1 in cands:
+      groups.setdefault((shift, _pad(r0), _pad(r1)), []).append((b, r0, r1))
+    fresh = {}
+    for (shift, p0, p1), items in groups.items():
+      u, rest, _, _ = firsts[shift]
+      idx, r0s, r1s = (np.asarray(c, np.int32) for c in zip(*items, strict=True))
+      key = (len(outputs), shift)
+      outputs[key] = _rest_many(u, rest, idx, r0s, r1s, delta, p0=p0, p1=p1, method=method)
+      fresh[key] = items
+    found = jax.device_get({k: outputs[k][1] for k in fresh})
+    for key, items in fresh.items():
+      shift = key[1]
+      dims = tuple(ring_shape[(shift + k) % 4] for k in range(4))
+      for j, (b, r0, r1) in enumerate(items):
+        ranks = (r0, r1, *(int(v) for v in found[key][j]))
+        evaluated[b, shift, r0, r1] = (tr_storage(dims, ranks), ranks, key, j)
+
+  def order(c):
+    return (lower[c], c[1], c[2])
+
+  evaluate([min((c for c in lower if c[0] == b), key=order) for b in range(n_kernels)])
+  best = {b: min(v[0] for c, v in evaluated.items() if c[0] == b) for b in range(n_kernels)}
+  evaluate([c for c in lower if c not in evaluated and lower[c] <= best[c[0]]])
 
   results = []
-  for b in range(rings.shape[0]):
-    (_, shift, _), key, j, ranks = best[b]
+  for b in range(n_kernels):
+    mine = {c: v for c, v in evaluated.items() if c[0] == b}
+    (_, shift, r0, _), (storage, ranks, key, j) = min(
+      mine.items(), key=lambda cv: (cv[1][0], cv[0][1], cv[0][2])
+    )
     padded = outputs[key][0]
     shifted = [padded[k][j, : ranks[k], :, : ranks[(k + 1) % 4]] for k in range(4)]
     # Core k of the shifted sweep belongs to ring mode (shift + k) % 4.
     cores = tuple(shifted[(m - shift) % 4] for m in range(4))
     ring_ranks = tuple(ranks[(m - shift) % 4] for m in range(4))
-    results.append(RSDTR(TR(cores), shift, ring_ranks, tuple(sorted(candidates[b]))))
+    cands = tuple(
+      sorted(
+        ((c[1], c[2], c[3]), mine[c][0] if c in mine else None, lower[c])
+        for c in lower
+        if c[0] == b
+      )
+    )
+    results.append(RSDTR(TR(cores), shift, ring_ranks, cands))
   return results
 
 

@@ -18,6 +18,16 @@ def _structured_kernel(rng, d, s, t):
   return x
 
 
+def test_random_kernel_equals_brute_force_and_bounds_prune():
+  """Flat spectra (the loosest bounds): still the brute-force winner; some candidates skipped."""
+  kernel = np.random.default_rng(5).standard_normal((3, 3, 24, 24))
+  res = decomp.rsdtr(kernel, eps=0.3)
+  (storage, shift, _), table = _brute_force(kernel, 0.3)
+  assert res.num_params() == storage and res.shift == shift
+  assert all(lower <= table[c] for c, _, lower in res.candidates)
+  assert any(found is None for _, found, _ in res.candidates)
+
+
 def _brute_force(kernel, eps):
   ring = np.transpose(kernel, (2, 0, 1, 3))  # (S, d_h, d_w, T)
   best, table = None, {}
@@ -43,7 +53,13 @@ def test_equals_brute_force(method, shape, eps):
   kernel = _structured_kernel(np.random.default_rng(0), d, s, t)
   res = decomp.rsdtr(kernel, eps=eps, method=method)
   (storage, shift, _), table = _brute_force(kernel, eps)
-  assert res.storage == table
+  assert {c for c, _, _ in res.candidates} == set(table)
+  for cand, found, lower in res.candidates:
+    assert lower <= table[cand]  # a valid bound
+    if found is None:  # skipped: it could not have won
+      assert lower >= storage
+    else:
+      assert found == table[cand]
   assert res.num_params() == storage and res.shift == shift
   assert float(decomp.rel_error(jnp.asarray(kernel), res)) <= eps
   # Cores in the ring order (S, d_h, d_w, T) whichever shift won.
