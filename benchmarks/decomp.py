@@ -157,6 +157,7 @@ def bench_net(net, args, device):
         }
       )
       print(_fmt(rows[-1]), flush=True)
+      common.write_jsonl(args.out, rows[-1:])
   for eps in args.eps:
     peer = []
     peer_ms, peer = _time_host(
@@ -194,6 +195,7 @@ def bench_net(net, args, device):
         }
       )
       print(_fmt(rows[-1]), flush=True)
+      common.write_jsonl(args.out, rows[-1:])
   return rows
 
 
@@ -228,7 +230,6 @@ def main():
   rows = []
   for net in args.nets.split(","):
     rows += bench_net(net, args, device)
-  common.write_jsonl(args.out, rows)
   print(f"\nwrote {len(rows)} rows to {args.out}")
 
 

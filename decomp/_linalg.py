@@ -7,9 +7,8 @@ Two routes to the leading singular subspace of a matrix `m` of shape `(a, b)`:
   Squaring the matrix loses the singular values below about `sqrt(machine eps)` of
   the largest, but not the truncation error: the error of a rank-`k` projection is
   stationary in the subspace, so subspace errors enter it only to second order. For
-  the tall case the right vectors `V_k` come from `eigh` and the left factor is the
-  Q of `m V_k`, so that `u` is orthonormal to working precision however small the
-  kept singular values are.
+  the tall case the right vectors `V_k` come from `eigh` and the left factor is
+  `m V_k / s_k` made orthonormal by one polar step (`_orthonormal_columns`).
 
 Both return `u` (orthonormal columns), the singular values and `rest = u^T m`, so that
 `u @ rest` is the rank-`k` approximation.
@@ -68,9 +67,26 @@ def _truncated_svd(m: jax.Array, k: int, method: str):
     return u, jnp.sqrt(jnp.maximum(lam, 0)), mm(u.T, m)
   lam, v = jnp.linalg.eigh(mm(m.T, m))
   lam, v = lam[::-1], v[:, ::-1]
-  vk = v[:, :k]
-  q, t = jnp.linalg.qr(mm(m, vk))
-  return q, jnp.sqrt(jnp.maximum(lam, 0)), mm(t, vk.T)
+  s = jnp.sqrt(jnp.maximum(lam, 0))
+  u = _orthonormal_columns(mm(m, v[:, :k]), s[:k])
+  return u, s, mm(u.T, m)
+
+
+def _orthonormal_columns(b: jax.Array, s: jax.Array) -> jax.Array:
+  """Orthonormal columns spanning `b = m V_k`, whose columns have norms `s` (descending).
+
+  `b / s` is the SVD's left factor; its orthogonality degrades like `eps (s_1 / s_i)^2`,
+  so one polar step `u (u^T u)^{-1/2}` (eigh of a `k x k` matrix) restores it. A column
+  with `s_i` at rounding level carries no energy and is left zero. This replaces a
+  Householder QR: concurrent batched QR calls deadlock XLA's CPU runtime (jaxlib
+  0.10.2, seen on 2 cores, reproduced in `tests/test_linalg.py`'s notes).
+  """
+  tiny = s[0] * jnp.finfo(b.dtype).eps * max(b.shape)
+  keep = s > tiny
+  u = b * jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)[None, :]
+  mu, w = jnp.linalg.eigh(mm(u.T, u))
+  inv_sqrt = jnp.where(mu > 0.5, 1 / jnp.sqrt(jnp.where(mu > 0.5, mu, 1)), 0)
+  return mm(u, mm(w * inv_sqrt[None, :], w.T))
 
 
 def tail_rank(s: jax.Array, delta: jax.Array) -> jax.Array:

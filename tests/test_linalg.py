@@ -50,3 +50,15 @@ def test_tail_rank_matches_brute_force():
     s = np.sort(rng.exponential(size=12))[::-1]
     delta = rng.uniform(0, np.linalg.norm(s))
     assert int(tail_rank(jnp.asarray(s), jnp.asarray(delta))) == ref.eps_rank(s, delta)
+
+
+def test_gram_route_has_no_qr():
+  """Concurrent batched QR custom calls deadlock XLA's CPU runtime (jaxlib 0.10.2 on 2
+  cores: several `jnp.linalg.qr` in one jitted graph, run a few hundred times, never
+  return). The gram route must not call QR, for either orientation."""
+  import jax
+
+  for shape in [(64, 576), (576, 64)]:
+    fn = jax.jit(jax.vmap(lambda m: truncated_svd(m, 8, "gram")))
+    hlo = fn.lower(jnp.zeros((3, *shape), jnp.float32)).as_text().lower()
+    assert "geqrf" not in hlo and "householder" not in hlo
