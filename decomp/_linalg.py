@@ -79,7 +79,8 @@ def _orthonormal_columns(b: jax.Array, s: jax.Array) -> jax.Array:
   so one polar step `u (u^T u)^{-1/2}` (eigh of a `k x k` matrix) restores it. A column
   with `s_i` at rounding level carries no energy and is left zero. This replaces a
   Householder QR: concurrent batched QR calls deadlock XLA's CPU runtime (jaxlib
-  0.10.2, seen on 2 cores, reproduced in `tests/test_linalg.py`'s notes).
+  0.10.2, seen on 2 cores; see `benchmarks/repro_cpu_hang.py`); the test
+  `test_gram_route_has_no_qr` keeps QR out.
   """
   tiny = s[0] * jnp.finfo(b.dtype).eps * max(b.shape)
   keep = s > tiny

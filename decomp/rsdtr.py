@@ -36,6 +36,7 @@ import numpy as np
 from decomp import _checks
 from decomp._linalg import mm, tail_rank
 from decomp.factors import TR, num_params, reconstruct
+from decomp.ranks import _eps_rank
 from decomp.train_ring import _tr_first, _tr_rest, divisor_pairs
 
 RING_AXES = (2, 0, 1, 3)  # kernel (d_h, d_w, S, T) -> ring (S, d_h, d_w, T)
@@ -133,12 +134,6 @@ def _rest_many(u, rest, idx, r0, r1, delta, p0, p1, method):
   return jax.vmap(fn)(u[idx], rest[idx], r0, r1, delta[idx])
 
 
-def _eps_rank(s: np.ndarray, bound: float) -> int:
-  """Smallest k with `||s[k:]|| <= bound` (0 allowed: the rank of the zero matrix)."""
-  tails = np.append(np.cumsum((s.astype(np.float64) ** 2)[::-1])[::-1], 0.0)
-  return int(np.argmax(tails <= bound * bound))
-
-
 def _lower_bound(dims, r0, r1, rho, pi_next, pi_after) -> int:
   """A lower bound on the storage of the TR-SVD candidate `(r0, r1)` of one shift.
 
@@ -177,10 +172,17 @@ def rsdtr_stack(kernels, *, eps: float, method: str = "gram") -> list:
   )
   first_ranks, mode_spectra, (spec_a, spec_b), norms_h = host
   # eps-ranks of x's unfoldings at the whole error budget, with a hair of slack so that
-  # float rounding of a candidate's error can never make a bound invalid.
+  # float rounding of a candidate's error can never make a bound invalid (they are at
+  # least 1, which every ring rank is too).
   bound = [eps * (1 + 1e-3) * float(n) for n in norms_h]
-  rho = [[_eps_rank(mode_spectra[m][b], bound[b]) for m in range(4)] for b in range(n_kernels)]
-  pi = [(_eps_rank(spec_a[b], bound[b]), _eps_rank(spec_b[b], bound[b])) for b in range(n_kernels)]
+  rho = [
+    [_eps_rank(np.float64(mode_spectra[m][b]), bound[b]) for m in range(4)]
+    for b in range(n_kernels)
+  ]
+  pi = [
+    (_eps_rank(np.float64(spec_a[b]), bound[b]), _eps_rank(np.float64(spec_b[b]), bound[b]))
+    for b in range(n_kernels)
+  ]
 
   lower: dict = {}
   for shift in range(4):
@@ -224,7 +226,7 @@ def rsdtr_stack(kernels, *, eps: float, method: str = "gram") -> list:
   results = []
   for b in range(n_kernels):
     mine = {c: v for c, v in evaluated.items() if c[0] == b}
-    (_, shift, r0, _), (storage, ranks, key, j) = min(
+    (_, shift, _, _), (_, ranks, key, j) = min(
       mine.items(), key=lambda cv: (cv[1][0], cv[0][1], cv[0][2])
     )
     padded = outputs[key][0]
