@@ -1,0 +1,154 @@
+"""Generalized tensor operations (Su et al., "Tensorial Neural Networks", 2022, section 3).
+
+TNN builds every layer from four primitives over tensors whose modes are named:
+
+- contraction over paired modes, `sum_k x[..k..] w[..k..]`: `contract("nhws,sr->nhwr", x, w)`;
+- convolution along a pair of (spatial) modes: `conv(x, w, ...)`;
+- outer product `x[i] w[j]`: `outer(x, w)`;
+- batch (Hadamard) product over modes, `x[..r..] w[..r..]` with `r` kept:
+  `contract("nr,kr->nkr", x, w)`.
+
+Mode names are einsum letters; a letter kept in the output and present in both
+operands is a batch product, a letter dropped is a contraction. Every op returns the
+tensor and has a `*_macs` twin that counts its multiply-adds from shapes alone, so a
+layer's cost is the sum over the ops it runs (`tnn.layers` uses them; the tests check
+them against XLA's own cost analysis).
+
+Images are NHWC and conv kernels HWIO `(d_h, d_w, C_in / groups, C_out)`, as in Flax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = str | Sequence[tuple[int, int]]
+
+
+def _acc(dtype) -> jnp.dtype:
+  """Accumulation dtype: float32 for bf16/f16/f32, float64 for float64."""
+  return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def contract(spec: str, *operands: jax.Array, precision=None) -> jax.Array:
+  """Einsum over named modes, contracted left to right in the order given.
+
+  The order is explicit (no path search) so that the cost is the one `contract_macs`
+  counts and the one a layer's author chose. Accumulates in float32 at least.
+  """
+  inputs, out = spec.split("->")
+  names = inputs.split(",")
+  if len(names) != len(operands):
+    raise ValueError(f"contract: spec {spec!r} names {len(names)} operands, got {len(operands)}.")
+  acc = _acc(operands[0].dtype)
+  y, y_names = operands[0], names[0]
+  for i in range(1, len(operands)):
+    rest = "".join(names[i + 1 :]) + out
+    keep = "".join(dict.fromkeys(c for c in y_names + names[i] if c in rest))
+    y = jnp.einsum(
+      f"{y_names},{names[i]}->{keep}",
+      y,
+      operands[i],
+      precision=precision,
+      preferred_element_type=acc,
+    ).astype(operands[0].dtype)
+    y_names = keep
+  if y_names != out:
+    y = jnp.einsum(f"{y_names}->{out}", y)
+  return y
+
+
+def contract_macs(spec: str, *shapes: Sequence[int]) -> int:
+  """Multiply-adds of `contract(spec, ...)` for operands of these shapes."""
+  inputs, out = spec.split("->")
+  names = inputs.split(",")
+  size = {}
+  for name, shape in zip(names, shapes, strict=True):
+    for c, n in zip(name, shape, strict=True):
+      size[c] = n
+  total, y_names = 0, names[0]
+  for i in range(1, len(names)):
+    rest = "".join(names[i + 1 :]) + out
+    total += math.prod(size[c] for c in set(y_names + names[i]))
+    y_names = "".join(dict.fromkeys(c for c in y_names + names[i] if c in rest))
+  return total
+
+
+def outer(x: jax.Array, w: jax.Array) -> jax.Array:
+  """The outer product `x o w`: shape `x.shape + w.shape`."""
+  return jnp.multiply(x.reshape(x.shape + (1,) * w.ndim), w)
+
+
+def pads(
+  spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], padding: Padding
+) -> tuple:
+  """Explicit `((lo, hi), ...)` padding of a conv, as `lax` resolves 'SAME'/'VALID'."""
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      raise ValueError(f"padding: got {padding!r}; allowed 'SAME', 'VALID' or ((lo, hi), ...).")
+    return tuple(lax.padtype_to_pads(tuple(spatial), tuple(kernel), tuple(strides), padding))
+  return tuple(tuple(p) for p in padding)
+
+
+def out_size(n: int, k: int, stride: int, pad: tuple[int, int]) -> int:
+  return (n + pad[0] + pad[1] - k) // stride + 1
+
+
+def conv(
+  x: jax.Array,
+  w: jax.Array,
+  *,
+  strides: Sequence[int] = (1, 1),
+  padding: Padding = "SAME",
+  groups: int = 1,
+  precision=None,
+) -> jax.Array:
+  """Convolution along the two spatial modes of `x` `(N, H, W, C)` with `w` HWIO.
+
+  `groups > 1` convolves `groups` channel blocks independently (a batch product over
+  the group mode): `w` is `(d_h, d_w, C / groups, C_out)`. A `(d, 1)` or `(1, d)`
+  kernel is a convolution along one mode only.
+  """
+  acc = _acc(x.dtype)
+  y = lax.conv_general_dilated(
+    x,
+    w.astype(x.dtype),
+    window_strides=tuple(strides),
+    padding=pads(x.shape[1:3], w.shape[:2], strides, padding),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
+    precision=precision,
+    preferred_element_type=acc,
+  )
+  return y.astype(x.dtype)
+
+
+def conv_macs(
+  x_shape: Sequence[int],
+  w_shape: Sequence[int],
+  *,
+  strides: Sequence[int] = (1, 1),
+  padding: Padding = "SAME",
+) -> int:
+  """Multiply-adds of `conv` (every output position times the full kernel)."""
+  n, h, w, _ = x_shape
+  d_h, d_w, c_in_group, c_out = w_shape
+  (ph, pw) = pads((h, w), (d_h, d_w), strides, padding)
+  h_out = out_size(h, d_h, strides[0], ph)
+  w_out = out_size(w, d_w, strides[1], pw)
+  return n * h_out * w_out * d_h * d_w * c_in_group * c_out
+
+
+def conv_out_shape(x_shape, kernel_hw, c_out, *, strides=(1, 1), padding="SAME") -> tuple:
+  n, h, w, _ = x_shape
+  ph, pw = pads((h, w), kernel_hw, strides, padding)
+  return (
+    n,
+    out_size(h, kernel_hw[0], strides[0], ph),
+    out_size(w, kernel_hw[1], strides[1], pw),
+    c_out,
+  )
