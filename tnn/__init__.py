@@ -1,0 +1,40 @@
+"""Tensorial layers, models and dense -> factorized conversion.
+
+`tnn.ops` (generalized tensor operations), `tnn.layers` (factorized conv and dense
+layers), `tnn.models` (the papers' networks), and the plan API: `make_plan` decides every
+targeted layer's decomposition and static ranks once, `compress` builds the factorized
+model from it, `distort` is the DeepTwist projection of one weight, `report` counts
+parameters and MACs.
+"""
+
+from tnn import layers, models, ops
+from tnn.plan import (
+  CONV_METHODS,
+  LayerPlan,
+  Plan,
+  check_plan,
+  compress,
+  decompose,
+  distort,
+  layer_paths,
+  make_plan,
+  plan_params,
+  report,
+)
+
+__all__ = [
+  "CONV_METHODS",
+  "LayerPlan",
+  "Plan",
+  "check_plan",
+  "compress",
+  "decompose",
+  "distort",
+  "layer_paths",
+  "layers",
+  "make_plan",
+  "models",
+  "ops",
+  "plan_params",
+  "report",
+]
