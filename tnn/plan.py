@@ -689,3 +689,31 @@ def report(model: nnx.Module, input_shape: Sequence[int]) -> dict:
     macs_ratio=macs / dense_macs if dense_macs else 1.0,
     layers=rows,
   )
+
+
+def factorize_random(model: nnx.Module, plan: Plan, rngs: nnx.Rngs) -> nnx.Module:
+  """A copy of `model` whose planned layers are factorized with random (He) factors: the
+  "from scratch" baseline. Everything else is copied."""
+  check_plan(plan, model)
+  new = nnx.clone(model)
+  layers = layer_paths(new)
+  for p, lp in plan:
+    m, w = layers[p], _weight(layers[p])
+    has_bias = getattr(m, "bias", None) is not None
+    if w.ndim == 4:
+      layer = _CONV_CLASS[lp.method](
+        w.shape[2],
+        w.shape[3],
+        tuple(w.shape[:2]),
+        *lp.hyper_args(),
+        strides=m.strides,
+        padding=m.padding,
+        use_bias=has_bias,
+        rngs=rngs,
+      )
+    else:
+      layer = _DENSE_CLASS[lp.method](
+        w.shape[0], w.shape[1], *lp.hyper_args(), use_bias=has_bias, rngs=rngs
+      )
+    _set_path(new, p, layer)
+  return new

@@ -1,0 +1,329 @@
+"""train/: data validation, steps, DeepTwist, distillation, checkpoints, configs, CLI."""
+
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import tnn
+from train import data as data_lib
+from train import run as run_lib
+from train import steps as steps_lib
+from train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _standard_promotion():
+  """Flax's BatchNorm promotes with float32 internally (refused by strict promotion)."""
+  with jax.numpy_dtype_promotion("standard"):
+    yield
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def _write_idx(path, array, magic_type=0x08):
+  header = struct.pack(">HBB", 0, magic_type, array.ndim) + struct.pack(
+    f">{array.ndim}I", *array.shape
+  )
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion(tmp_path, n_train=60000, n_test=10000, label_max=9):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+    _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, label_max + 1, (n,)))
+  return str(tmp_path)
+
+
+def test_idx_reader_roundtrip(tmp_path):
+  a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  _write_idx(tmp_path / "a.gz", a)
+  np.testing.assert_array_equal(data_lib.read_idx(str(tmp_path / "a.gz"), ndim=3), a)
+
+
+def test_fashion_mnist_from_a_folder(tmp_path):
+  ds = data_lib.load("fashion_mnist", _fake_fashion(tmp_path))
+  assert ds.train.images.shape == (60000, 28, 28, 1) and ds.test.labels.shape == (10000,)
+
+
+@pytest.mark.parametrize(
+  "corrupt,match",
+  [
+    (lambda p: _write_idx(p, np.zeros((10000, 28, 28)), magic_type=0x09), "bad IDX magic"),
+    (lambda p: p.write_bytes(b"\x1f\x8b\x08garbage"), "not a complete gzip"),
+    (lambda p: _truncate_gz(p), "not a complete gzip|header says"),
+    (lambda p: _write_idx(p, np.zeros((9999, 28, 28))), "10000"),
+  ],
+)
+def test_corrupt_idx_files_are_detected(tmp_path, corrupt, match):
+  d = _fake_fashion(tmp_path, n_train=60000)
+  corrupt(tmp_path / "t10k-images-idx3-ubyte.gz")
+  with pytest.raises(ValueError, match=match):
+    data_lib.load("fashion_mnist", d)
+
+
+def _truncate_gz(p):
+  raw = p.read_bytes()
+  p.write_bytes(raw[: len(raw) // 2])
+
+
+def test_labels_out_of_range(tmp_path):
+  d = _fake_fashion(tmp_path, label_max=10)
+  with pytest.raises(ValueError, match=r"label 10 outside \[0, 9\]"):
+    data_lib.load("fashion_mnist", d)
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+  with pytest.raises(ValueError, match="apt-get install -y dataset-fashion-mnist"):
+    data_lib.load("fashion_mnist", str(tmp_path))
+
+
+def test_cifar_binary_and_truncation(tmp_path):
+  rng = np.random.default_rng(0)
+  for name, n in [(f"data_batch_{i}.bin", 10000) for i in range(1, 6)] + [
+    ("test_batch.bin", 10000)
+  ]:
+    rec = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 255, (n, 3072))], 1)
+    (tmp_path / name).write_bytes(rec.astype(np.uint8).tobytes())
+  ds = data_lib.load("cifar10", str(tmp_path))
+  assert ds.train.images.shape == (50000, 32, 32, 3)
+  raw = (tmp_path / "test_batch.bin").read_bytes()
+  (tmp_path / "test_batch.bin").write_bytes(raw[:-5])
+  with pytest.raises(ValueError, match="whole number of 3073-byte records"):
+    data_lib.load("cifar10", str(tmp_path))
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+  a = data_lib.batch_indices(100, 10, seed=3, step=12)
+  np.testing.assert_array_equal(a, data_lib.batch_indices(100, 10, seed=3, step=12))
+  epoch = np.concatenate([data_lib.batch_indices(100, 10, 3, s) for s in range(10, 20)])
+  np.testing.assert_array_equal(np.sort(epoch), np.arange(100))  # epoch 1 is a permutation
+
+
+def test_augment_is_a_crop_and_flip():
+  x = jnp.arange(2 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 1)
+  y = data_lib.augment(jax.random.key(0), x, crop_pad=0, flip=True)
+  for i in range(2):
+    assert np.array_equal(y[i], x[i]) or np.array_equal(y[i], x[i, :, ::-1])
+
+
+# --- steps -------------------------------------------------------------------------------
+
+
+def _config(tmp_methods=("dense",), steps=40):
+  c = ml_collections.ConfigDict()
+  c.dataset, c.data_dir, c.model = "synthetic", None, "cnn"
+  c.model_kwargs = ml_collections.ConfigDict(dict(widths=(4, 8, 8)))
+  c.pad_to = None
+  c.augment = ml_collections.ConfigDict(dict(crop_pad=0, flip=False))
+  c.label_smoothing, c.compute_dtype = 0.0, "float32"
+  c.batch_size, c.seed = 32, 0
+  c.checkpoint_every, c.keep, c.log_every = 10, 2, 5
+  c.methods = tmp_methods
+  opt = dict(lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine", optimizer="sgd")
+  c.dense = ml_collections.ConfigDict(dict(steps=steps, opt=opt))
+  c.deeptwist = ml_collections.ConfigDict(
+    dict(method="tucker2", ratio=0.3, sd=7, steps=20, opt=opt)
+  )
+  c.finetune = ml_collections.ConfigDict(dict(method="tr", ratio=0.3, steps=10, opt=opt))
+  c.seqkd = ml_collections.ConfigDict(
+    dict(method="mtt", ratio=0.3, block_steps=5, e2e_steps=5, opt=opt)
+  )
+  c.e2ekd = ml_collections.ConfigDict(dict(method="cp", ratio=0.3, steps=5, opt=opt))
+  c.scratch = ml_collections.ConfigDict(dict(method="svd", ratio=0.3, steps=5, opt=opt))
+  return c
+
+
+def test_tiny_run_learns_and_every_method_runs(tmp_path):
+  ds = data_lib.synthetic()
+  methods = ("dense", "deeptwist", "finetune", "seqkd", "e2ekd", "scratch")
+  rows = run_lib.run(_config(methods), str(tmp_path), ds)
+  by = {r["method"]: r for r in rows}
+  assert by["dense"]["test_accuracy"] > 0.8  # 4 classes: chance is 0.25
+  dt = by["deeptwist"]
+  # The last step is a distortion, so converting to the factorized form changes nothing.
+  assert dt["test_accuracy"] == pytest.approx(dt["accuracy_before_conversion"], abs=1 / 256)
+  for m in methods[1:]:
+    assert by[m]["params"] < by["dense"]["params"]
+  saved = json.load(open(tmp_path / "results.json"))
+  assert [r["method"] for r in saved] == list(methods)
+  assert {"method", "params", "macs", "test_accuracy"} <= set(saved[0])
+  assert (tmp_path / "accuracy_vs_step.png").stat().st_size > 1000
+
+
+def _small_state(sd=0, plan=None):
+  model = tnn.models.cnn(4, rngs=nnx.Rngs(0), widths=(4, 8, 8))
+  groups = steps_lib.distortion_groups(model, plan) if plan else ()
+  cfg = steps_lib.StepConfig(num_classes=4, mean=(0.5,), std=(0.3,), sd=sd, groups=groups)
+  tx, _ = trainer.make_optimizer(dict(lr=0.05), 100)
+  graphdef, state = steps_lib.init_state(model, tx, 0)
+  return model, graphdef, tx, cfg, state
+
+
+def test_train_step_does_not_retrace():
+  _, graphdef, tx, cfg, state = _small_state()
+  step = steps_lib.make_train_step(graphdef, tx, cfg)
+  ds = data_lib.synthetic()
+  for s in range(3):
+    idx = data_lib.batch_indices(512, 32, 0, s)
+    state, _ = step(state, (jnp.asarray(ds.train.images[idx]), jnp.asarray(ds.train.labels[idx])))
+  assert step._cache_size() == 1
+
+
+def test_distortions_happen_exactly_at_multiples_of_sd():
+  model, graphdef, tx, _, state = _small_state()
+  plan = tnn.make_plan(model, "tucker2", ratio=0.3)
+  _, graphdef, tx, cfg, state = _small_state(sd=3, plan=plan)
+  step = steps_lib.make_train_step(graphdef, tx, cfg)
+  ds = data_lib.synthetic()
+  path = plan.paths[0]
+  lp = plan[path]
+  for s in range(7):
+    idx = data_lib.batch_indices(512, 32, 0, s)
+    state, _ = step(state, (jnp.asarray(ds.train.images[idx]), jnp.asarray(ds.train.labels[idx])))
+    w = tnn.layer_paths(nnx.merge(graphdef, state.params, state.rest))[path].kernel[...]
+    lowrank = np.allclose(tnn.distort(w, lp), w, atol=1e-5)
+    assert lowrank == ((s + 1) % 3 == 0), s
+  assert int(state.refused) == 0
+
+
+def test_non_finite_distortion_is_refused_and_counted():
+  model = tnn.models.cnn(4, rngs=nnx.Rngs(0), widths=(4, 8, 8))
+  plan = tnn.make_plan(model, "tucker2", ratio=0.3)
+  path = plan.paths[0]
+  layer = tnn.layer_paths(model)[path]
+  layer.kernel[...] = layer.kernel[...].at[0, 0, 0, 0].set(jnp.nan)
+  before = {
+    p: np.asarray(m.kernel[...]) for p, m in tnn.layer_paths(model).items() if p in plan.paths
+  }
+  refused = steps_lib.distort_model(model, steps_lib.distortion_groups(model, plan))
+  assert int(refused) >= 1
+  np.testing.assert_array_equal(tnn.layer_paths(model)[path].kernel[...], before[path])
+
+
+def test_seqkd_block_step_trains_only_its_block():
+  model, graphdef, tx, _, state = _small_state()
+  cfg = steps_lib.StepConfig(num_classes=4, mean=(0.5,), std=(0.3,), loss="block", block=1)
+  mask = steps_lib.block_mask(state.params, 1)
+  teacher = tnn.models.cnn(4, rngs=nnx.Rngs(1), widths=(4, 8, 8))
+  step = steps_lib.make_train_step(graphdef, tx, cfg, mask)
+  ds = data_lib.synthetic()
+  old = jax.tree.map(np.asarray, state.params)
+  state, m = step(
+    state,
+    (jnp.asarray(ds.train.images[:32]), jnp.asarray(ds.train.labels[:32])),
+    steps_lib.split_model(teacher),
+  )
+  for (path, a), (_, b) in zip(
+    nnx.to_flat_state(old), nnx.to_flat_state(state.params), strict=True
+  ):
+    changed = not np.array_equal(np.asarray(a[...]), np.asarray(b[...]))
+    assert changed == (path[:2] == ("blocks", 1)), path
+
+
+def test_data_parallel_over_two_devices():
+  assert jax.device_count() == 2
+  with pytest.raises(ValueError, match="does not divide over the 2 devices"):
+    trainer.check_batch(33)
+
+
+# --- configs and resume ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "edit,match",
+  [
+    (lambda c: setattr(c, "methods", ("dense", "magic")), "unknown method 'magic'"),
+    (lambda c: setattr(c.deeptwist, "sd", 0), "sd must be >= 1"),
+    (lambda c: setattr(c, "model", "alexnet"), "unknown 'alexnet'"),
+    (lambda c: setattr(c, "batch_size", 33), "does not divide"),
+  ],
+)
+def test_bad_configs_fail_before_compute(tmp_path, edit, match):
+  c = _config(("dense", "deeptwist"))
+  edit(c)
+  with pytest.raises(ValueError, match=match):
+    run_lib.run(c, str(tmp_path), data_lib.synthetic())
+
+
+def test_rank_above_channel_count_fails_before_training(tmp_path):
+  c = _config(("dense", "finetune"), steps=2)
+  c.finetune.method = "tucker2"
+  with pytest.raises(ValueError, match="exceeds"):
+    tnn.make_plan(
+      tnn.models.cnn(4, rngs=nnx.Rngs(0), widths=(4, 8, 8)),
+      "tucker2",
+      ratio=0.5,
+      overrides={"blocks.1.layers.0.conv": {"ranks": (99, 2)}},
+    )
+
+
+def _final_params(workdir):
+  import orbax.checkpoint as ocp
+
+  d = os.path.join(workdir, "dense", "ckpt")
+  mngr = ocp.CheckpointManager(d)
+  leaves = mngr.restore(mngr.latest_step())
+  mngr.close()
+  return mngr.latest_step(), [np.asarray(x) for x in leaves]
+
+
+SCRIPT = """
+import sys, jax
+jax.config.update("jax_numpy_dtype_promotion", "standard")
+sys.path.insert(0, {repo!r})
+from tests.test_train import _config
+from train import data, run
+c = _config(("dense",), steps=60)
+c.checkpoint_every = 3
+run.run(c, sys.argv[1], data.synthetic())
+"""
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+  """Kill a real training process mid-run, start it again, compare with an uninterrupted run."""
+  script = tmp_path / "job.py"
+  script.write_text(SCRIPT.format(repo=REPO))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  subprocess.run([sys.executable, str(script), str(full)], check=True, env=env, capture_output=True)
+  proc = subprocess.Popen(
+    [sys.executable, str(script), str(killed)],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  metrics = killed / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline:  # kill once it has logged a few steps (mid-run)
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  step_at_kill = len(metrics.read_text().splitlines()) * 5
+  assert step_at_kill < 60, "the run finished before it was killed"
+  subprocess.run(
+    [sys.executable, str(script), str(killed)], check=True, env=env, capture_output=True
+  )
+  s1, a = _final_params(str(full))
+  s2, b = _final_params(str(killed))
+  assert s1 == s2 == 60
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x, y)  # bitwise

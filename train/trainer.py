@@ -1,0 +1,192 @@
+"""One training phase (dense, deeptwist, finetune, seqkd, e2ekd, scratch) with checkpoints.
+
+`run_phase` owns the loop: restore the latest checkpoint of its folder if there is one
+(else start from the state it is given), take jitted steps, log JSON lines, checkpoint
+every `checkpoint_every` steps (orbax: atomic, last N kept) and at the end. A run killed at
+any moment and started again resumes from its last checkpoint, and, because the batch
+order and the augmentation keys are functions of the step and the saved key, ends with
+the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from train import data as data_lib
+from train import steps as steps_lib
+
+
+def make_optimizer(opt: dict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+  """SGD with momentum (or adam) + weight decay, under a cosine, step or one-cycle schedule."""
+  lr, kind = opt["lr"], opt.get("schedule", "cosine")
+  if kind == "cosine":
+    sched = optax.cosine_decay_schedule(lr, max(total_steps, 1))
+  elif kind == "step":
+    bounds = {int(total_steps * f): 0.1 for f in (0.5, 0.75)}
+    sched = optax.piecewise_constant_schedule(lr, bounds)
+  elif kind == "onecycle":
+    sched = optax.cosine_onecycle_schedule(max(total_steps, 1), lr)
+  elif kind == "constant":
+    sched = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"schedule: unknown {kind!r}; allowed cosine, step, onecycle, constant.")
+  parts = []
+  if opt.get("weight_decay", 0.0):
+    parts.append(optax.add_decayed_weights(opt["weight_decay"]))
+  if opt.get("optimizer", "sgd") == "sgd":
+    parts.append(optax.sgd(sched, momentum=opt.get("momentum", 0.9), nesterov=True))
+  else:
+    parts.append(optax.adam(sched))
+  return optax.chain(*parts), sched
+
+
+class Logger:
+  """JSON lines to `path`, a one-line progress display on a terminal."""
+
+  def __init__(self, path: str, phase: str, total: int):
+    self.f = open(path, "a")
+    self.phase, self.total = phase, total
+    self.tty = sys.stderr.isatty()
+
+  def log(self, row: dict) -> None:
+    for k, v in row.items():
+      if isinstance(v, float) and not np.isfinite(v):
+        raise FloatingPointError(f"{self.phase}: {k} is {v} at step {row.get('step')}.")
+    self.f.write(json.dumps({"phase": self.phase, **row}) + "\n")
+    self.f.flush()
+    if self.tty:
+      msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+      sys.stderr.write(f"\r[{self.phase}] {msg[:150]:150s}")
+      sys.stderr.flush()
+
+  def close(self):
+    if self.tty:
+      sys.stderr.write("\n")
+    self.f.close()
+
+
+def _mesh():
+  return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def check_batch(batch_size: int) -> None:
+  n = jax.device_count()
+  if batch_size % n:
+    raise ValueError(
+      f"batch_size={batch_size} does not divide over the {n} devices; use a multiple of {n}."
+    )
+
+
+def evaluate(
+  graphdef, params, rest, split: data_lib.Split, cfg: steps_lib.StepConfig, batch: int = 1000
+) -> float:
+  """Accuracy over a whole split (the last partial batch included)."""
+  step = steps_lib.make_eval_step(graphdef, cfg)
+  correct = 0
+  for i in range(0, len(split.labels), batch):
+    correct += int(
+      step(
+        params,
+        rest,
+        jnp.asarray(split.images[i : i + batch]),
+        jnp.asarray(split.labels[i : i + batch]),
+      )
+    )
+  return correct / len(split.labels)
+
+
+def run_phase(
+  name: str,
+  workdir: str,
+  model: nnx.Module,
+  dataset: data_lib.Dataset,
+  *,
+  cfg: steps_lib.StepConfig,
+  opt: dict,
+  steps: int,
+  batch_size: int,
+  seed: int,
+  teacher: nnx.Module | None = None,
+  mask_block: int | None = None,
+  checkpoint_every: int = 200,
+  keep: int = 2,
+  log_every: int = 50,
+  stop_after: int | None = None,
+) -> nnx.Module:
+  """Trains `model` for `steps` steps in `workdir/name`; returns the trained model.
+
+  `stop_after` (tests) stops the loop after that many steps of this invocation, as a kill
+  would, leaving the checkpoints as they are.
+  """
+  check_batch(batch_size)
+  folder = os.path.abspath(os.path.join(workdir, name))
+  os.makedirs(folder, exist_ok=True)
+  tx, sched = make_optimizer(opt, steps)
+  graphdef, state = steps_lib.init_state(model, tx, seed)
+  state = jax.tree.map(jnp.copy, state)  # the step donates its state; `model` stays usable
+  leaves, treedef = jax.tree.flatten(state)
+  mngr = ocp.CheckpointManager(
+    os.path.join(folder, "ckpt"),
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+  )
+  latest = mngr.latest_step()
+  if latest is not None:
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in restored])
+  mesh = _mesh()
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state = jax.device_put(state, replicated)
+  mask = None
+  if mask_block is not None:
+    mask = steps_lib.block_mask(state.params, mask_block)
+  step_fn = steps_lib.make_train_step(graphdef, tx, cfg, mask)
+  t_args = None
+  if teacher is not None:
+    tg, tp, tr = steps_lib.split_model(teacher)
+    t_args = (tg, jax.device_put(tp, replicated), jax.device_put(tr, replicated))
+  logger = Logger(os.path.join(workdir, "metrics.jsonl"), name, steps)
+  n = len(dataset.train.labels)
+  start = int(state.step)
+  t0, seen = time.time(), 0
+  try:
+    for s in range(start, steps):
+      if stop_after is not None and s - start >= stop_after:
+        return nnx.merge(graphdef, state.params, state.rest)
+      idx = data_lib.batch_indices(n, batch_size, seed, s)
+      batch = (
+        jax.device_put(dataset.train.images[idx], sharded),
+        jax.device_put(dataset.train.labels[idx], sharded),
+      )
+      state, metrics = step_fn(state, batch, t_args) if t_args else step_fn(state, batch)
+      seen += batch_size
+      done = s + 1
+      if done % log_every == 0 or done == steps:
+        row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.time() - t0
+        row.update(step=done, lr=float(sched(done - 1)), images_per_s=seen / max(dt, 1e-9))
+        if cfg.sd:
+          row["refused"] = int(state.refused)
+          row["distorted"] = done % cfg.sd == 0
+        logger.log(row)
+        t0, seen = time.time(), 0
+      if done % checkpoint_every == 0 or done == steps:
+        mngr.save(done, args=ocp.args.StandardSave(jax.tree.leaves(state)))
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+    logger.close()
+  return nnx.merge(graphdef, state.params, state.rest)
