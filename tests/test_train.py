@@ -161,7 +161,7 @@ def test_tiny_run_learns_and_every_method_runs(tmp_path):
   assert dt["test_accuracy"] == pytest.approx(dt["accuracy_before_conversion"], abs=1 / 256)
   for m in methods[1:]:
     assert by[m]["params"] < by["dense"]["params"]
-  saved = json.load(open(tmp_path / "results.json"))
+  saved = json.loads((tmp_path / "results.json").read_text())
   assert [r["method"] for r in saved] == list(methods)
   assert {"method", "params", "macs", "test_accuracy"} <= set(saved[0])
   assert (tmp_path / "accuracy_vs_step.png").stat().st_size > 1000
