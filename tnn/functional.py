@@ -438,12 +438,8 @@ def _mform(form: str, conv: bool) -> Kind:
       return hp.ranks
     return math.prod(hp.ranks)
 
-  name = ("m" if conv else "") + {"cp": "cp", "tk": "tk", "tt": "tt", "tr": "tr"}[form]
-  kind = Kind(name, shapes, kernel, apply, macs, decompose, terms)
-  return kind
+  return Kind(("m" if conv else "dense_m") + form, shapes, kernel, apply, macs, decompose, terms)
 
 
 MCP, MTK, MTT, MTR = (_mform(f, conv=True) for f in ("cp", "tk", "tt", "tr"))
 DENSE_CP, DENSE_TK, DENSE_TT, DENSE_TR = (_mform(f, conv=False) for f in ("cp", "tk", "tt", "tr"))
-
-CONV_KINDS = {k.name: k for k in (SVD, TUCKER, CP, TT, TR, MCP, MTK, MTT, MTR)}

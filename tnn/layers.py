@@ -198,8 +198,7 @@ class Factorized(nnx.Module):
     """
     weight = jnp.asarray(weight)
     shape_args = (weight.shape[-2], weight.shape[-1]) + ((weight.shape[:2],) if cls.conv else ())
-    probe = cls.__new__(cls)
-    hyper = cls._hyper(probe, *shape_args, *args)
+    hyper = cls._hyper(*shape_args, *args)
     params = cls.kind.decompose(weight, hyper)
     return cls(*shape_args, *args, params=params, bias=bias, use_bias=bias is not None, **kwargs)
 
@@ -218,7 +217,8 @@ class SVDConv(_Conv):
 
   kind = F.SVD
 
-  def _hyper(self, s, t, k, rank):
+  @classmethod
+  def _hyper(cls, s, t, k, rank):
     (rank,) = _positive(rank, "rank", 1)
     _at_most(rank, min(t, s * k[0] * k[1]), "rank")
     return rank
@@ -229,7 +229,8 @@ class TuckerConv(_Conv):
 
   kind = F.TUCKER
 
-  def _hyper(self, s, t, k, ranks):
+  @classmethod
+  def _hyper(cls, s, t, k, ranks):
     ranks = _positive(ranks, "ranks", 2)
     _at_most(ranks[0], s, "ranks[0] (r_S)")
     _at_most(ranks[1], t, "ranks[1] (r_T)")
@@ -241,7 +242,8 @@ class CPConv(_Conv):
 
   kind = F.CP
 
-  def _hyper(self, s, t, k, rank):
+  @classmethod
+  def _hyper(cls, s, t, k, rank):
     (rank,) = _positive(rank, "rank", 1)
     return rank
 
@@ -254,7 +256,8 @@ class TRConv(_Conv):
 
   kind = F.TR
 
-  def _hyper(self, s, t, k, ranks):
+  @classmethod
+  def _hyper(cls, s, t, k, ranks):
     return _positive(ranks, "ranks", 4)
 
 
@@ -263,7 +266,8 @@ class TTConv(TRConv):
 
   kind = F.TT
 
-  def _hyper(self, s, t, k, ranks):
+  @classmethod
+  def _hyper(cls, s, t, k, ranks):
     return (1, *_positive(ranks, "ranks", 3))
 
 
@@ -287,13 +291,21 @@ def _m_hyper(s, t, in_modes, out_modes, ranks, form, conv) -> F.MHyper:
   return F.MHyper(in_modes, out_modes, ranks)
 
 
-class _MConv(_Conv):
-  """TNN m-form conv: `(in_features, out_features, kernel_size, in_modes, out_modes, ranks)`."""
+class _MForm:
+  """TNN m-form hyper-parameters: `(..., in_modes, out_modes, ranks)` after the shapes
+  (a conv's kernel size is not needed: the spatial mode is not reshaped)."""
 
   form = ""
+  conv = True
 
-  def _hyper(self, s, t, k, in_modes, out_modes, ranks):
-    return _m_hyper(s, t, in_modes, out_modes, ranks, self.form, True)
+  @classmethod
+  def _hyper(cls, s, t, *args):
+    in_modes, out_modes, ranks = args[-3:]
+    return _m_hyper(s, t, in_modes, out_modes, ranks, cls.form, cls.conv)
+
+
+class _MConv(_MForm, _Conv):
+  """TNN m-form conv: `(in_features, out_features, kernel_size, in_modes, out_modes, ranks)`."""
 
 
 class MCPConv(_MConv):
@@ -353,19 +365,17 @@ class SVDDense(_Dense):
 
   kind = _dense_svd_kind()
 
-  def _hyper(self, s, t, rank):
+  @classmethod
+  def _hyper(cls, s, t, rank):
     (rank,) = _positive(rank, "rank", 1)
     _at_most(rank, min(s, t), "rank")
     return rank
 
 
-class _MDense(_Dense):
+class _MDense(_MForm, _Dense):
   """Dense layer over `W (s_1 t_1, ..., s_m t_m)`: `(in, out, in_modes, out_modes, ranks)`."""
 
-  form = ""
-
-  def _hyper(self, s, t, in_modes, out_modes, ranks):
-    return _m_hyper(s, t, in_modes, out_modes, ranks, self.form, False)
+  conv = False
 
 
 class CPDense(_MDense):

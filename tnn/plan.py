@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 import decomp
-from decomp.rsdtr import KERNEL_AXES, RING_AXES
+from decomp.rsdtr import RING_AXES
 from tnn import functional as F
 from tnn import layers as L
 from tnn import ops
@@ -184,16 +184,17 @@ def _balanced_modes(n: int, m: int) -> tuple:
   return best
 
 
+def _layer_hyper(lp: LayerPlan, weight_shape) -> tuple:
+  """`(layer class, static hyper)` of the layer `lp` describes for a weight of this shape."""
+  conv = len(weight_shape) == 4
+  cls = (_CONV_CLASS if conv else _DENSE_CLASS)[lp.method]
+  shape_args = (tuple(weight_shape[:2]),) if conv else ()
+  return cls, cls._hyper(weight_shape[-2], weight_shape[-1], *shape_args, *lp.hyper_args())
+
+
 def _m_params(lp: LayerPlan, weight_shape) -> int:
-  cls = _CONV_CLASS[lp.method] if len(weight_shape) == 4 else _DENSE_CLASS[lp.method]
-  hyper = cls._hyper(
-    cls, weight_shape[-2], weight_shape[-1], *_shape_args(weight_shape), *lp.hyper_args()
-  )
+  cls, hyper = _layer_hyper(lp, weight_shape)
   return sum(math.prod(s) for s in cls.kind.shapes(tuple(weight_shape), hyper).values())
-
-
-def _shape_args(weight_shape) -> tuple:
-  return (tuple(weight_shape[:2]),) if len(weight_shape) == 4 else ()
 
 
 def _m_rank_caps(method, dims) -> list:
@@ -455,9 +456,8 @@ def check_plan(plan: Plan, model: nnx.Module) -> None:
       continue
     if lp.method == "tr" and lp.shift not in range(4):
       raise ValueError(f"plan[{p!r}]: shift {lp.shift} outside [0, 3].")
-    cls = _CONV_CLASS[lp.method] if len(w_shape) == 4 else _DENSE_CLASS[lp.method]
     try:
-      hyper = cls._hyper(cls, w_shape[-2], w_shape[-1], *_shape_args(w_shape), *lp.hyper_args())
+      _, hyper = _layer_hyper(lp, w_shape)
       if len(w_shape) == 4 and lp.method in ("tt", "tr"):
         _check_ring_ranks(w_shape, hyper, lp.shift)
     except ValueError as e:
@@ -486,11 +486,7 @@ def decompose(weight: jax.Array, lp: LayerPlan) -> dict:
     raise ValueError("tiled_svd has no factorized layer here; use distort() (DeepTwist).")
   if lp.method == "tr":
     return _tr_decompose_shift(weight, lp.ranks, lp.shift)
-  conv = weight.ndim == 4
-  cls = _CONV_CLASS[lp.method] if conv else _DENSE_CLASS[lp.method]
-  hyper = cls._hyper(
-    cls, weight.shape[-2], weight.shape[-1], *_shape_args(weight.shape), *lp.hyper_args()
-  )
+  cls, hyper = _layer_hyper(lp, weight.shape)
   return cls.kind.decompose(weight, hyper)
 
 
@@ -512,17 +508,8 @@ def distort(weight: jax.Array, lp: LayerPlan) -> jax.Array:
     lowered = decomp.lowered(weight)
     f = decomp.tiled_svd(lowered, grid=lp.grid, rank=lp.ranks[0])
     return decomp.unlowered(decomp.reconstruct(f), weight.shape)
-  params = decompose(weight, lp)
-  if lp.method == "tr":
-    return jnp.transpose(
-      decomp.reconstruct(decomp.TR(tuple(params[f"g{k}"] for k in range(4)))), KERNEL_AXES
-    )
-  conv = weight.ndim == 4
-  cls = _CONV_CLASS[lp.method] if conv else _DENSE_CLASS[lp.method]
-  hyper = cls._hyper(
-    cls, weight.shape[-2], weight.shape[-1], *_shape_args(weight.shape), *lp.hyper_args()
-  )
-  return cls.kind.kernel(params, tuple(weight.shape), hyper)
+  cls, hyper = _layer_hyper(lp, weight.shape)
+  return cls.kind.kernel(decompose(weight, lp), tuple(weight.shape), hyper)
 
 
 # --- compress ----------------------------------------------------------------------------
@@ -555,37 +542,22 @@ def compress(model: nnx.Module, plan: Plan) -> nnx.Module:
     stack = jnp.stack([_weight(layers[p]) for p in paths])
     params = jax.vmap(lambda w, lp=lp: decompose(w, lp))(stack)
     for i, p in enumerate(paths):
-      _set_path(new, p, _factorized(layers[p], lp, {k: v[i] for k, v in params.items()}))
+      m = layers[p]
+      bias = None if getattr(m, "bias", None) is None else m.bias[...]
+      _set_path(new, p, _factorized(m, lp, params={k: v[i] for k, v in params.items()}, bias=bias))
   return new
 
 
-def _factorized(m, lp: LayerPlan, params: dict) -> L.Factorized:
+def _factorized(m, lp: LayerPlan, **init) -> L.Factorized:
+  """The factorized layer that replaces `m` under `lp`, with `m`'s strides, padding, bias
+  flag and dtype; `init` is `params=, bias=` (from a decomposition) or `rngs=` (random)."""
   w = _weight(m)
-  bias = None if getattr(m, "bias", None) is None else m.bias[...]
+  common = dict(use_bias=getattr(m, "bias", None) is not None, param_dtype=w.dtype, **init)
   if w.ndim == 4:
     cls = _CONV_CLASS[lp.method]
-    return cls(
-      w.shape[2],
-      w.shape[3],
-      tuple(w.shape[:2]),
-      *lp.hyper_args(),
-      strides=m.strides,
-      padding=m.padding,
-      params=params,
-      bias=bias,
-      use_bias=bias is not None,
-      param_dtype=w.dtype,
-    )
-  cls = _DENSE_CLASS[lp.method]
-  return cls(
-    w.shape[0],
-    w.shape[1],
-    *lp.hyper_args(),
-    params=params,
-    bias=bias,
-    use_bias=bias is not None,
-    param_dtype=w.dtype,
-  )
+    shape = (w.shape[2], w.shape[3], tuple(w.shape[:2]))
+    return cls(*shape, *lp.hyper_args(), strides=m.strides, padding=m.padding, **common)
+  return _DENSE_CLASS[lp.method](w.shape[0], w.shape[1], *lp.hyper_args(), **common)
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -595,7 +567,7 @@ def _input_shapes(model: nnx.Module, input_shape) -> dict:
   """`{path: input shape}` of every conv/dense layer, from one abstract forward pass."""
   seen: dict = {}
   classes = (nnx.Conv, nnx.Linear, L.Factorized)
-  originals = {c: c.__call__ for c in (nnx.Conv, nnx.Linear, L.Factorized)}
+  originals = {c: c.__call__ for c in classes}
 
   def recorder(orig):
     def call(self, x, *a, **k):
@@ -609,20 +581,17 @@ def _input_shapes(model: nnx.Module, input_shape) -> dict:
     for c in classes:
       c.__call__ = recorder(originals[c])
 
+    shapes = {}
+
     def run(state, x):
       m = nnx.merge(graph, state)
       m.eval()
       ids = {id(mod): _path_str(path) for path, mod in nnx.iter_modules(m)}
       m(x)
-      return {ids[i]: s for i, s in seen.items() if i in ids}
-
-    shapes = {}
-
-    def run_collect(state, x):
-      shapes.update(run(state, x))
+      shapes.update({ids[i]: s for i, s in seen.items() if i in ids})
       return 0
 
-    jax.eval_shape(run_collect, state, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    jax.eval_shape(run, state, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
   finally:
     for c in classes:
       c.__call__ = originals[c]
@@ -698,22 +667,5 @@ def factorize_random(model: nnx.Module, plan: Plan, rngs: nnx.Rngs) -> nnx.Modul
   new = nnx.clone(model)
   layers = layer_paths(new)
   for p, lp in plan:
-    m, w = layers[p], _weight(layers[p])
-    has_bias = getattr(m, "bias", None) is not None
-    if w.ndim == 4:
-      layer = _CONV_CLASS[lp.method](
-        w.shape[2],
-        w.shape[3],
-        tuple(w.shape[:2]),
-        *lp.hyper_args(),
-        strides=m.strides,
-        padding=m.padding,
-        use_bias=has_bias,
-        rngs=rngs,
-      )
-    else:
-      layer = _DENSE_CLASS[lp.method](
-        w.shape[0], w.shape[1], *lp.hyper_args(), use_bias=has_bias, rngs=rngs
-      )
-    _set_path(new, p, layer)
+    _set_path(new, p, _factorized(layers[p], lp, rngs=rngs))
   return new
