@@ -152,13 +152,32 @@ def _config(tmp_methods=("dense",), steps=40):
 
 def test_tiny_run_learns_and_every_method_runs(tmp_path):
   ds = data_lib.synthetic()
-  methods = ("dense", "deeptwist", "finetune", "seqkd", "e2ekd", "scratch")
-  rows = run_lib.run(_config(methods), str(tmp_path), ds)
+  methods = ("dense", "deeptwist", "finetune", "seqkd", "e2ekd", "scratch", "deeptwist_auto")
+  c = _config(methods)
+  c.deeptwist_auto = ml_collections.ConfigDict(
+    dict(
+      kind="deeptwist",
+      method="svd",
+      ratio=0.3,
+      sd_rule="quadratic",
+      sd_recover=0.2,
+      sd_batches=2,
+      bn_batches=3,
+      steps=6,
+      opt=c.deeptwist.opt,
+    )
+  )
+  rows = run_lib.run(c, str(tmp_path), ds)
   by = {r["method"]: r for r in rows}
   assert by["dense"]["test_accuracy"] > 0.8  # 4 classes: chance is 0.25
-  dt = by["deeptwist"]
-  # The last step is a distortion, so converting to the factorized form changes nothing.
-  assert dt["test_accuracy"] == pytest.approx(dt["accuracy_before_conversion"], abs=1 / 256)
+  for name in ("deeptwist", "deeptwist_auto"):
+    dt = by[name]
+    # The last step is a distortion, so converting to the factorized form changes nothing.
+    assert dt["test_accuracy"] == pytest.approx(dt["accuracy_before_conversion"], abs=1 / 256)
+  auto = by["deeptwist_auto"]
+  assert auto["kind"] == "deeptwist" and auto["method_detail"] == "svd"
+  assert auto["sd_curvature"] > 0
+  assert auto["sd"] >= 1 and auto["steps"] % auto["sd"] == 0 and auto["steps"] >= 6
   for m in methods[1:]:
     assert by[m]["params"] < by["dense"]["params"]
   saved = json.loads((tmp_path / "results.json").read_text())
@@ -237,6 +256,25 @@ def test_seqkd_block_step_trains_only_its_block():
     assert changed == (path[:2] == ("blocks", 1)), path
 
 
+def test_bn_recalibration_takes_the_statistics_at_the_current_weights():
+  """With one batch holding the whole split, eval mode after recalibration computes what
+  train mode (batch statistics) computes, although the stored statistics were stale."""
+  model, graphdef, _, cfg, _ = _small_state()
+  ds = data_lib.synthetic()
+  split = data_lib.Split(ds.train.images[:256], ds.train.labels[:256])
+  x = data_lib.normalize(jnp.asarray(split.images), cfg.mean, cfg.std)
+  new = trainer.recalibrate_bn(model, split, cfg, batches=1, batch_size=256, seed=0)
+  new.eval()
+  model.eval()
+  stale = model(x)
+  model.train()
+  want = model(x)
+  np.testing.assert_allclose(new(x), want, rtol=1e-5, atol=1e-5)  # float32 model
+  assert not np.allclose(stale, want, atol=1e-3)  # the old statistics did differ
+  with pytest.raises(ValueError, match="batches must be >= 1"):
+    trainer.recalibrate_bn(model, split, cfg, batches=0, batch_size=256, seed=0)
+
+
 def test_data_parallel_over_two_devices():
   assert jax.device_count() == 2
   with pytest.raises(ValueError, match="does not divide over the 2 devices"):
@@ -250,7 +288,11 @@ def test_data_parallel_over_two_devices():
   "edit,match",
   [
     (lambda c: setattr(c, "methods", ("dense", "magic")), "unknown method 'magic'"),
+    (lambda c: setattr(c, "methods", ("dense", "dense")), "repeated entries"),
+    (lambda c: setattr(c.deeptwist, "kind", "twist"), "config.deeptwist.kind is 'twist'"),
     (lambda c: setattr(c.deeptwist, "sd", 0), "sd must be >= 1"),
+    (lambda c: setattr(c.deeptwist, "sd_rule", "cubic"), "sd_rule: unknown 'cubic'"),
+    (lambda c: setattr(c.deeptwist, "bn_batches", -1), "bn_batches must be >= 0"),
     (lambda c: setattr(c, "model", "alexnet"), "unknown 'alexnet'"),
     (lambda c: setattr(c, "batch_size", 33), "does not divide"),
   ],
@@ -262,16 +304,27 @@ def test_bad_configs_fail_before_compute(tmp_path, edit, match):
     run_lib.run(c, str(tmp_path), data_lib.synthetic())
 
 
-def test_rank_above_channel_count_fails_before_training(tmp_path):
+@pytest.mark.parametrize(
+  "edit,match",
+  [
+    (
+      lambda c: c.finetune.update(
+        method="tucker2", overrides='{"blocks.1.layers.0.conv": {"ranks": [99, 2]}}'
+      ),
+      "exceeds",
+    ),
+    (lambda c: c.finetune.update(method="magic"), "config.finetune: .*unknown method 'magic'"),
+    (lambda c: c.finetune.update(ratio=1.5), "ratio must be in"),
+    (lambda c: c.finetune.update(overrides="{not json"), "overrides must be a JSON"),
+    (lambda c: c.finetune.update(layers=("nowhere.*",)), "matches no layer"),
+  ],
+)
+def test_bad_plans_fail_before_training(tmp_path, edit, match):
   c = _config(("dense", "finetune"), steps=2)
-  c.finetune.method = "tucker2"
-  with pytest.raises(ValueError, match="exceeds"):
-    tnn.make_plan(
-      tnn.models.cnn(4, rngs=nnx.Rngs(0), widths=(4, 8, 8)),
-      "tucker2",
-      ratio=0.5,
-      overrides={"blocks.1.layers.0.conv": {"ranks": (99, 2)}},
-    )
+  edit(c)
+  with pytest.raises(ValueError, match=match):
+    run_lib.run(c, str(tmp_path), data_lib.synthetic())
+  assert not (tmp_path / "dense").exists()  # no step was taken
 
 
 def _final_params(workdir):
@@ -327,3 +380,21 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   assert s1 == s2 == 60
   for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)  # bitwise
+
+
+def test_augment_is_the_reference_crop_and_flip_also_sharded():
+  ds = data_lib.synthetic()
+  x = data_lib.normalize(jnp.asarray(ds.train.images[:8]), (0.5,), (0.3,))
+  key = jax.random.key(3)
+  got = data_lib.augment(key, x, crop_pad=2, flip=True)
+  k1, k2 = jax.random.split(key)
+  offs = np.asarray(jax.random.randint(k1, (8, 2), 0, 5))
+  flips = np.asarray(jax.random.bernoulli(k2, 0.5, (8,)))
+  xp = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for i in range(8):
+    want = xp[i, offs[i, 0] : offs[i, 0] + 12, offs[i, 1] : offs[i, 1] + 12]
+    np.testing.assert_array_equal(got[i], want[:, ::-1] if flips[i] else want)
+  mesh = jax.make_mesh((2,), ("data",))
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  aug = jax.jit(lambda k, v: data_lib.augment(k, v, crop_pad=2, flip=True))
+  np.testing.assert_array_equal(aug(key, xs), got)

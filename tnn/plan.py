@@ -145,6 +145,11 @@ def _weight(m) -> jax.Array:
   return m.kernel() if isinstance(m, L.Factorized) else m.kernel[...]
 
 
+def _weight_shape(m) -> tuple:
+  """The dense weight's shape, without reading values (works on `nnx.eval_shape` models)."""
+  return m.weight_shape if isinstance(m, L.Factorized) else tuple(m.kernel.shape)
+
+
 def _is_conv(m) -> bool:
   return isinstance(m, nnx.Conv) or (isinstance(m, L.Factorized) and m.conv)
 
@@ -370,8 +375,10 @@ def make_plan(
     if meth not in allowed:
       raise ValueError(f"layer {p!r} ({type(m).__name__}): method {meth!r} not in {allowed}.")
 
-  weights = {p: np.asarray(_weight(all_layers[p]), np.float32) for p in targets}
-  shapes = {p: weights[p].shape for p in targets}
+  shapes = {p: _weight_shape(all_layers[p]) for p in targets}
+
+  def values(paths):  # only eps and VBMF plans look at the weights
+    return {p: np.asarray(_weight(all_layers[p]), np.float32) for p in paths}
 
   def plan_for(p, meth, r):
     return _ratio_plan(meth, shapes[p], r, grid, modes)
@@ -383,10 +390,9 @@ def make_plan(
   elif budget is not None:
     plans = _budget_plans(plain, method, budget, plan_for, shapes)
   elif eps is not None:
-    plans = _eps_plans(method, plain, weights, eps)
+    plans = _eps_plans(method, plain, values(plain), eps)
   else:
-    for p in plain:
-      w = weights[p]
+    for p, w in values(plain).items():
       if method == "tucker2":
         plans[p] = LayerPlan("tucker2", decomp.tucker2_ranks_vbmf(w))
       else:
@@ -404,7 +410,7 @@ def make_plan(
         out_modes=tuple(o["out_modes"]) if o.get("out_modes") else None,
       )
     elif "eps" in o:
-      plans[p] = _eps_plans(meth, [p], weights, o["eps"])[p]
+      plans[p] = _eps_plans(meth, [p], values([p]), o["eps"])[p]
     else:
       plans[p] = plan_for(p, meth, o.get("ratio", ratio if ratio is not None else 0.25))
   plan = Plan(tuple(plans.items()))
@@ -446,7 +452,7 @@ def check_plan(plan: Plan, model: nnx.Module) -> None:
     if p not in all_layers:
       raise ValueError(f"plan: no layer at path {p!r}; layers are {sorted(all_layers)}.")
     m = all_layers[p]
-    w_shape = tuple(_weight(m).shape)
+    w_shape = _weight_shape(m)
     if lp.method == "tiled_svd":
       t, n = w_shape[3], math.prod(w_shape[:3])
       decomp.tiled_svd_rank((t, n), lp.grid, ratio=1.0)  # validates the grid
@@ -626,7 +632,7 @@ def report(model: nnx.Module, input_shape: Sequence[int]) -> dict:
   shapes = _input_shapes(model, input_shape)
   rows = []
   for p, m in layer_paths(model).items():
-    w_shape = tuple(_weight(m).shape)
+    w_shape = _weight_shape(m)
     has_bias = getattr(m, "bias", None) is not None
     dense_params = math.prod(w_shape) + (w_shape[-1] if has_bias else 0)
     dense_macs = _dense_macs(m, shapes[p], w_shape) if p in shapes else 0

@@ -288,9 +288,14 @@ def augment(key: jax.Array, x: jax.Array, *, crop_pad: int = 4, flip: bool = Tru
   if crop_pad:
     xp = jnp.pad(x, ((0, 0), (crop_pad, crop_pad), (crop_pad, crop_pad), (0, 0)))
     offs = jax.random.randint(k1, (n, 2), 0, 2 * crop_pad + 1)
-    x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
-      xp, offs
-    )
+    # The crop as two batched one-hot products (exact at HIGHEST precision): a batch dot
+    # shards with the batch, where a gather's output sharding is ambiguous.
+    hp, wp = h + 2 * crop_pad, w + 2 * crop_pad
+    r = jax.nn.one_hot(offs[:, :1] + jnp.arange(h)[None], hp, dtype=x.dtype)  # (n, h, hp)
+    c = jax.nn.one_hot(offs[:, 1:] + jnp.arange(w)[None], wp, dtype=x.dtype)  # (n, w, wp)
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("nip,npqc->niqc", r, xp, precision=hi)
+    x = jnp.einsum("njq,niqc->nijc", c, x, precision=hi)
   if flip:
     do = jax.random.bernoulli(k2, 0.5, (n,))
     x = jnp.where(do[:, None, None, None], x[:, :, ::-1, :], x)

@@ -14,6 +14,15 @@ Methods (`config.methods`, in order; `dense` always runs first):
 - `e2ekd`: compress, then distil end-to-end on logits (`alpha`, `temperature`).
 - `scratch`: the factorized net from random factors, trained with cross-entropy.
 
+A method may appear several times under its own names: `config.methods` entries that are
+not method names name a config section whose `kind` is the method (e.g. `deeptwist_20`
+with `kind="deeptwist"`, `ratio=0.2`); rows are labelled by the entry and carry the kind.
+
+DeepTwist's `sd` is given, or estimated from the dense net with `sd_rule="quadratic"`
+(`train.sd_rule`; `sd_recover`, `sd_batches`) and written to the row and metrics.
+After the last distortion the BatchNorm statistics are recomputed at the distorted
+weights (`bn_batches` batches; 0 keeps them) before conversion.
+
 Every phase checkpoints in `workdir/<phase>/ckpt`; running the same command again
 resumes. Results: `workdir/results.json` (rows `method, params, macs, test_accuracy`, ...),
 `workdir/metrics.jsonl`, `workdir/accuracy_vs_step.png`, `workdir/accuracy_vs_params.png`.
@@ -26,6 +35,7 @@ import math
 import os
 import time
 
+import jax.numpy as jnp
 from flax import nnx
 
 import tnn
@@ -36,21 +46,47 @@ from train import trainer
 METHODS = ("dense", "deeptwist", "finetune", "seqkd", "e2ekd", "scratch")
 
 
+SD_RULES = ("", "quadratic")
+
+
+def method_kind(config, name: str) -> str:
+  """The method an entry of `config.methods` runs: its name, or its section's `kind`."""
+  sub = config.get(name)
+  kind = sub.get("kind", name) if sub is not None else name
+  if kind not in METHODS:
+    where = f"config.{name}.kind is {kind!r}" if kind != name else "no config section has a kind"
+    raise ValueError(
+      f"config.methods: unknown method {name!r} ({where}); allowed {METHODS}, or a config "
+      "section whose `kind` is one of them."
+    )
+  if kind != "dense" and sub is None:
+    raise ValueError(f"config.methods: {name!r} has no config section config.{name}.")
+  return kind
+
+
 def validate(config) -> None:
   """Every config error that can be found before any compute."""
+  if len(set(config.methods)) != len(config.methods):
+    raise ValueError(f"config.methods: repeated entries in {tuple(config.methods)}.")
   for m in config.methods:
-    if m not in METHODS:
-      raise ValueError(f"config.methods: unknown method {m!r}; allowed {METHODS}.")
+    kind = method_kind(config, m)
+    sub = config.get(m)
+    if sub is not None and sub.get("steps", 1) < 0:
+      raise ValueError(f"config.{m}.steps must be >= 0, got {sub.steps}.")
+    if kind == "deeptwist":
+      rule = sub.get("sd_rule", "")
+      if rule not in SD_RULES:
+        raise ValueError(f"config.{m}.sd_rule: unknown {rule!r}; allowed {SD_RULES}.")
+      if not rule and not sub.sd >= 1:
+        raise ValueError(f"config.{m}.sd must be >= 1, got {sub.sd}.")
+      if not 0 < sub.get("sd_recover", 0.1) < 1:
+        raise ValueError(f"config.{m}.sd_recover must be in (0, 1), got {sub.sd_recover}.")
+      if sub.get("bn_batches", 0) < 0:
+        raise ValueError(f"config.{m}.bn_batches must be >= 0, got {sub.bn_batches}.")
   if config.model not in tnn.models.MODELS:
     raise ValueError(
       f"config.model: unknown {config.model!r}; allowed {sorted(tnn.models.MODELS)}."
     )
-  if "deeptwist" in config.methods and not config.deeptwist.sd >= 1:
-    raise ValueError(f"config.deeptwist.sd must be >= 1, got {config.deeptwist.sd}.")
-  for name in ("dense", "deeptwist", "finetune", "seqkd", "e2ekd", "scratch"):
-    sub = config.get(name)
-    if sub is not None and sub.get("steps", 1) < 0:
-      raise ValueError(f"config.{name}.steps must be >= 0, got {sub.steps}.")
   if config.batch_size < 1:
     raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}.")
   trainer.check_batch(config.batch_size)
@@ -58,12 +94,40 @@ def validate(config) -> None:
     raise ValueError(f"config.compute_dtype: {config.compute_dtype!r}; allowed float32, bfloat16.")
 
 
+# A method section may hold these `tnn.make_plan` arguments (`overrides` as a JSON string).
+_PLAN_KEYS = ("ratio", "eps", "budget", "rule", "layers", "grid", "modes", "overrides")
+
+
 def _plan_kwargs(c) -> dict:
-  kw = {"ratio": c.get("ratio"), "eps": c.get("eps"), "budget": c.get("budget")}
-  kw = {k: v for k, v in kw.items() if v is not None}
-  if c.get("rule"):
-    kw["rule"] = c.rule
+  """`tnn.make_plan` keyword arguments from a method's config section."""
+  kw = {k: c.get(k) for k in _PLAN_KEYS if c.get(k) not in (None, "", ())}
+  for k in ("layers", "grid"):
+    if k in kw:
+      kw[k] = tuple(kw[k])
+  if "overrides" in kw:  # a JSON string: layer paths have dots, which ConfigDict refuses
+    try:
+      kw["overrides"] = json.loads(kw["overrides"])
+    except (TypeError, json.JSONDecodeError) as e:
+      raise ValueError(f"overrides must be a JSON object string ({e}).") from None
   return kw
+
+
+def check_plans(config, dense) -> None:
+  """Makes every shape-only plan (ratio/budget) of `config` for `dense` now, so that a
+  bad method, ratio, path or rank fails before training; eps/VBMF plans need the trained
+  weights and are checked for their arguments only."""
+  for m in config.methods:
+    if method_kind(config, m) == "dense":
+      continue
+    kw = _plan_kwargs(config[m])
+    if "eps" in kw or "rule" in kw:
+      kw = {k: v for k, v in kw.items() if k not in ("eps", "rule")} | {"ratio": 0.5}
+      if not 0 < config[m].get("eps", 0.5) < 1:
+        raise ValueError(f"config.{m}.eps must be in (0, 1), got {config[m].eps}.")
+    try:
+      tnn.make_plan(dense, config[m].method, **kw)
+    except ValueError as e:
+      raise ValueError(f"config.{m}: {e}") from None
 
 
 def _step_cfg(config, ds, **kw) -> steps_lib.StepConfig:
@@ -131,6 +195,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
   dense = tnn.models.MODELS[config.model](
     ds.num_classes, rngs=nnx.Rngs(config.seed), in_channels=ds.train.images.shape[3], **kwargs
   )
+  check_plans(config, dense)
   dense = trainer.run_phase(
     "dense", workdir, dense, ds, cfg=_step_cfg(config, ds), **common("dense")
   )
@@ -138,32 +203,50 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
   dense_conv = dense_row["conv_params"]
 
   for method in config.methods:
-    if method == "dense":
+    kind = method_kind(config, method)
+    if kind == "dense":
       continue
     t0 = time.time()
     c = config[method]
     plan = tnn.make_plan(dense, c.method, **_plan_kwargs(c))
     with open(os.path.join(workdir, f"plan_{method}.json"), "w") as f:
       f.write(plan.to_json())
-    if method == "deeptwist":
-      sd = c.sd
+    tag = (
+      dict(kind=kind, method_detail=c.method) if kind != method else dict(method_detail=c.method)
+    )
+    if kind == "deeptwist":
+      groups = steps_lib.distortion_groups(dense, plan)
+      sd, extra = c.get("sd", 0), {}
+      if c.get("sd_rule"):
+        est = _estimate_sd(config, ds, dense, groups, c)
+        sd = est.sd
+        extra = {f"sd_{k}": v for k, v in est._asdict().items() if k != "sd"}
       steps = math.ceil(c.steps / sd) * sd  # the last step is a distortion
-      cfg = _step_cfg(config, ds, sd=sd, groups=steps_lib.distortion_groups(dense, plan))
+      cfg = _step_cfg(config, ds, sd=sd, groups=groups)
       com = common(method) | {"steps": steps}
       trained = trainer.run_phase(method, workdir, nnx.clone(dense), ds, cfg=cfg, **com)
-      acc_dense_form = evaluate(trained)
+      extra["accuracy_last_distortion"] = evaluate(trained)
+      if c.get("bn_batches", 0):
+        trained = trainer.recalibrate_bn(
+          trained,
+          ds.train,
+          _step_cfg(config, ds),
+          batches=c.bn_batches,
+          batch_size=config.batch_size,
+          seed=config.seed,
+        )
+      extra["accuracy_before_conversion"] = evaluate(trained)
       final = tnn.compress(trained, plan)
-      row = record(
-        method, final, t0, method_detail=c.method, sd=sd, accuracy_before_conversion=acc_dense_form
-      )
-    elif method in ("finetune", "e2ekd", "scratch"):
-      if method == "scratch":
+      row = record(method, final, t0, **tag, sd=sd, steps=steps, **extra)
+    elif kind in ("finetune", "e2ekd", "scratch"):
+      if kind == "scratch":
         student = tnn.factorize_random(dense, plan, nnx.Rngs(config.seed + 1))
       else:
         student = tnn.compress(dense, plan)
-      if method == "finetune":
-        acc0 = evaluate(student)
-      kd = method == "e2ekd"
+      extra = {}
+      if kind == "finetune":
+        extra["accuracy_after_decomposition"] = evaluate(student)
+      kd = kind == "e2ekd"
       cfg = _step_cfg(
         config,
         ds,
@@ -174,9 +257,8 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
       final = trainer.run_phase(
         method, workdir, student, ds, cfg=cfg, teacher=dense if kd else None, **common(method)
       )
-      extra = {"accuracy_after_decomposition": acc0} if method == "finetune" else {}
-      row = record(method, final, t0, method_detail=c.method, **extra)
-    elif method == "seqkd":
+      row = record(method, final, t0, **tag, **extra)
+    elif kind == "seqkd":
       student = tnn.compress(dense, plan)
       acc0 = evaluate(student)
       blocks = sorted({int(p.split(".")[1]) for p in plan.paths if p.startswith("blocks.")})
@@ -184,7 +266,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
         cfg = _step_cfg(config, ds, loss="block", block=b)
         com = common(method) | {"steps": c.block_steps}
         student = trainer.run_phase(
-          f"seqkd_block{b}", workdir, student, ds, cfg=cfg, teacher=dense, mask_block=b, **com
+          f"{method}_block{b}", workdir, student, ds, cfg=cfg, teacher=dense, mask_block=b, **com
         )
       if c.e2e_steps:
         cfg = _step_cfg(
@@ -192,9 +274,9 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
         )
         com = common(method) | {"steps": c.e2e_steps}
         student = trainer.run_phase(
-          "seqkd_e2e", workdir, student, ds, cfg=cfg, teacher=dense, **com
+          f"{method}_e2e", workdir, student, ds, cfg=cfg, teacher=dense, **com
         )
-      row = record(method, student, t0, method_detail=c.method, accuracy_after_decomposition=acc0)
+      row = record(method, student, t0, **tag, accuracy_after_decomposition=acc0)
     row["conv_ratio"] = row["conv_params"] / dense_conv
 
   with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -207,6 +289,28 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
   ) as e:  # matplotlib is a dependency; a broken install should not lose the results
     print(f"plots skipped: {e}")
   return rows
+
+
+def _estimate_sd(config, ds, dense, groups, c):
+  """DeepTwist SD for `dense` under the planned distortion (`train.sd_rule`), logged."""
+  n = len(ds.train.labels)
+  batches = [
+    (jnp.asarray(ds.train.images[i]), jnp.asarray(ds.train.labels[i]))
+    for i in (
+      data_lib.batch_indices(n, config.batch_size, config.seed + 2, b)
+      for b in range(c.get("sd_batches", 4))
+    )
+  ]
+  est = steps_lib.sd_estimate(
+    dense,
+    _step_cfg(config, ds, groups=groups),
+    batches,
+    lr=c.opt.lr,
+    momentum=c.opt.get("momentum", 0.0) if c.opt.get("optimizer", "sgd") == "sgd" else 0.0,
+    recover=c.get("sd_recover", 0.1),
+  )
+  print(f"DeepTwist SD estimate: {est}", flush=True)
+  return est
 
 
 def print_table(rows) -> None:
@@ -234,11 +338,10 @@ def plots(workdir: str, rows: list, config) -> None:
     pts = [(m["step"], m["accuracy"]) for m in metrics if m["phase"] == phase and "accuracy" in m]
     if pts:
       ax.plot(*zip(*pts, strict=True), label=phase)
-  if "deeptwist" in config.methods:
-    steps = [m["step"] for m in metrics if m["phase"] == "deeptwist"]
-    sd = config.deeptwist.sd
-    for s in range(sd, (max(steps) if steps else 0) + 1, sd):
-      ax.axvline(s, color="grey", lw=0.5, alpha=0.5)
+  for r in rows:
+    if r.get("kind", r["method"]) == "deeptwist":
+      for s in range(r["sd"], r["steps"] + 1, r["sd"]):
+        ax.axvline(s, color="grey", lw=0.5, alpha=0.5)
   ax.set_xlabel("step (grey: DeepTwist distortions)")
   ax.set_ylabel("train accuracy (batch)")
   ax.legend(fontsize=7)

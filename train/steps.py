@@ -19,6 +19,7 @@ from flax import nnx
 
 import tnn
 from train import data as data_lib
+from train import sd_rule
 
 
 class TrainState(NamedTuple):
@@ -117,6 +118,27 @@ def _masked(tree, mask):
   return jax.tree.map(lambda a, m: a * m, tree, mask)
 
 
+def _loss(graphdef, cfg: StepConfig, params, rest, x, labels, teacher_out):
+  """(loss, (logits or None, new BatchNorm statistics)) of one train-mode forward pass."""
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  model.train()
+  if cfg.loss == "block":
+    feats_in, target = teacher_out
+    y = model.blocks[cfg.block](feats_in)
+    loss = jnp.mean(jnp.square(y.astype(jnp.float32) - target.astype(jnp.float32)))
+    logits = None
+  else:
+    logits = model(x)
+    loss = _cross_entropy(logits, labels, cfg.num_classes, cfg.label_smoothing)
+    if cfg.loss == "kd":
+      t = cfg.temperature
+      soft = jax.nn.softmax(teacher_out.astype(jnp.float32) / t)
+      kd = optax.softmax_cross_entropy(logits.astype(jnp.float32) / t, soft).mean() * t * t
+      loss = cfg.alpha * kd + (1 - cfg.alpha) * loss
+  _, _, new_rest = split_model(model)
+  return loss, (logits, new_rest)
+
+
 def make_train_step(graphdef, tx, cfg: StepConfig, mask=None) -> Callable:
   """`train_step(state, batch, teacher=None) -> (state, metrics)`, jitted, state donated.
 
@@ -126,23 +148,7 @@ def make_train_step(graphdef, tx, cfg: StepConfig, mask=None) -> Callable:
   """
 
   def loss_fn(params, rest, x, labels, teacher_out):
-    model = nnx.merge(graphdef, params, rest, copy=True)
-    model.train()
-    if cfg.loss == "block":
-      feats_in, target = teacher_out
-      y = model.blocks[cfg.block](feats_in)
-      loss = jnp.mean(jnp.square(y.astype(jnp.float32) - target.astype(jnp.float32)))
-      logits = None
-    else:
-      logits = model(x)
-      loss = _cross_entropy(logits, labels, cfg.num_classes, cfg.label_smoothing)
-      if cfg.loss == "kd":
-        t = cfg.temperature
-        soft = jax.nn.softmax(teacher_out.astype(jnp.float32) / t)
-        kd = optax.softmax_cross_entropy(logits.astype(jnp.float32) / t, soft).mean() * t * t
-        loss = cfg.alpha * kd + (1 - cfg.alpha) * loss
-    _, _, new_rest = split_model(model)
-    return loss, (logits, new_rest)
+    return _loss(graphdef, cfg, params, rest, x, labels, teacher_out)
 
   def train_step(state: TrainState, batch, teacher=None):
     images, labels = batch
@@ -199,6 +205,44 @@ def make_eval_step(graphdef, cfg: StepConfig) -> Callable:
     return jnp.sum(jnp.argmax(logits, -1) == labels)
 
   return jax.jit(eval_step)
+
+
+def make_recalibrate_step(graphdef, cfg: StepConfig) -> Callable:
+  """`step(params, rest, images) -> rest` holding this batch's BatchNorm statistics alone."""
+
+  def step(params, rest, images):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    for _, m in nnx.iter_modules(model):
+      if isinstance(m, nnx.BatchNorm):
+        m.momentum = 0.0  # running stats := batch stats
+    model.train()
+    model(_prepare(cfg, images, None, train=False))
+    return split_model(model)[2]
+
+  return jax.jit(step)
+
+
+def sd_estimate(model: nnx.Module, cfg: StepConfig, batches, *, lr, momentum, recover):
+  """DeepTwist SD at `model`'s weights for the distortion of `cfg.groups` (`train.sd_rule`).
+
+  `batches`: (images uint8, labels) pairs; the loss is `cfg`'s train loss, un-augmented.
+  """
+  graphdef, params, rest = split_model(model)
+
+  def loss_fn(p, batch):
+    images, labels = batch
+    x = _prepare(cfg, images, None, train=False)
+    return _loss(graphdef, cfg, p, rest, x, labels, None)[0]
+
+  @jax.jit
+  def distort(p):
+    m = nnx.merge(graphdef, p, rest, copy=True)
+    distort_model(m, cfg.groups)
+    return split_model(m)[1]
+
+  return sd_rule.estimate_sd(
+    loss_fn, params, batches, distort, lr=lr, momentum=momentum, recover=recover
+  )
 
 
 def block_mask(params, block: int):

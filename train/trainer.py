@@ -90,11 +90,19 @@ def check_batch(batch_size: int) -> None:
     )
 
 
+_EVAL_STEPS: dict = {}
+
+
 def evaluate(
   graphdef, params, rest, split: data_lib.Split, cfg: steps_lib.StepConfig, batch: int = 1000
 ) -> float:
-  """Accuracy over a whole split (the last partial batch included)."""
-  step = steps_lib.make_eval_step(graphdef, cfg)
+  """Accuracy over a whole split (the last partial batch included).
+
+  The jitted eval step is kept per (graph, config), so evaluating the same architecture
+  again does not compile again."""
+  step = _EVAL_STEPS.get((graphdef, cfg))
+  if step is None:
+    step = _EVAL_STEPS[(graphdef, cfg)] = steps_lib.make_eval_step(graphdef, cfg)
   correct = 0
   for i in range(0, len(split.labels), batch):
     correct += int(
@@ -106,6 +114,38 @@ def evaluate(
       )
     )
   return correct / len(split.labels)
+
+
+def recalibrate_bn(
+  model: nnx.Module,
+  split: data_lib.Split,
+  cfg: steps_lib.StepConfig,
+  *,
+  batches: int,
+  batch_size: int,
+  seed: int,
+) -> nnx.Module:
+  """A copy of `model` whose BatchNorm running statistics are recomputed at its weights.
+
+  The running statistics of a DeepTwist net were accumulated before its last distortion;
+  this replaces them by the average over `batches` training batches (un-augmented, the
+  batch order of `seed`) of each batch's statistics, the weights untouched."""
+  if batches < 1:
+    raise ValueError(f"batches must be >= 1, got {batches}.")
+  graphdef, params, rest = steps_lib.split_model(model)
+  step = steps_lib.make_recalibrate_step(graphdef, cfg)
+  n = len(split.labels)
+  acc = None
+  for b in range(batches):
+    idx = data_lib.batch_indices(n, batch_size, seed + 1, b)
+    new = step(params, rest, jnp.asarray(split.images[idx]))
+    acc = new if acc is None else jax.tree.map(jnp.add, acc, new)
+  avg = jax.tree.map(
+    lambda a, r: (a / batches).astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r,
+    acc,
+    rest,
+  )
+  return nnx.merge(graphdef, params, avg)
 
 
 def run_phase(

@@ -1,0 +1,56 @@
+"""Every shipped config loads, validates and plans its model before any training."""
+
+import importlib
+
+import jax
+import pytest
+from flax import nnx
+
+import tnn
+from train import run as run_lib
+
+CASES = [
+  ("demo", None),
+  ("deeptwist_resnet32", None),
+  ("deeptwist_resnet32", "fmnist"),
+  ("rsdtr_cifar10", "resnet20"),
+  ("rsdtr_cifar10", "resnet56,fmnist,eps=0.5"),
+  ("tnn_resnet32", "0.05,mcp"),
+  ("tnn_resnet32", "0.2,tr,fmnist"),
+  ("tnn_lenet5", "fmnist"),
+  ("tnn_wrn28_10", "0.05,mtt"),
+  ("section4", "resnet20,cpu"),
+  ("section4", "resnet32"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _standard_promotion():
+  with jax.numpy_dtype_promotion("standard"):
+    yield
+
+
+@pytest.mark.parametrize("name,arg", CASES)
+def test_config_validates_and_plans(name, arg):
+  mod = importlib.import_module(f"train.configs.{name}")
+  c = mod.get_config(arg) if arg else mod.get_config()
+  run_lib.validate(c)
+  fmnist = c.dataset in ("fashion_mnist", "mnist")
+  classes = 100 if c.dataset == "cifar100" else 10
+  build = tnn.models.MODELS[c.model]
+  kw = dict(c.get("model_kwargs") or {})
+  dense = nnx.eval_shape(
+    lambda: build(classes, rngs=nnx.Rngs(0), in_channels=1 if fmnist else 3, **kw)
+  )
+  run_lib.check_plans(c, dense)
+  if arg and "fmnist" in arg:
+    assert c.dataset == "fashion_mnist" and c.pad_to in (0, 32)
+
+
+def test_config_args_are_checked():
+  from train.configs import rsdtr_cifar10, section4
+
+  with pytest.raises(ValueError, match="allowed resnet20, resnet32, resnet56"):
+    rsdtr_cifar10.get_config("resnet18")
+  with pytest.raises(ValueError, match="allowed resnet20, resnet32"):
+    section4.get_config("resnet56")
