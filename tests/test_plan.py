@@ -187,3 +187,13 @@ def test_dense_layers_can_be_planned():
   comp = tnn.compress(model, plan)
   assert isinstance(comp.head.layers[0], L.TTDense)
   assert comp(jnp.ones((1, 28, 28, 1))).shape == (1, 10)
+
+
+def test_register_method_refuses_bad_registrations():
+  with pytest.raises(ValueError, match="empty or taken"):
+    tnn.register_method("tucker2", tnn.layers.TuckerConv, lambda ws, r: (1, 1))
+  with pytest.raises(ValueError, match="not a tnn.layers.Factorized conv class"):
+    tnn.register_method("mine", tnn.layers.SVDDense, lambda ws, r: (1,))
+  with pytest.raises(ValueError, match="not callable"):
+    tnn.register_method("mine", tnn.layers.TuckerConv, 3)
+  assert "mine" not in tnn.plan.CONV_METHODS

@@ -20,6 +20,7 @@ from tnn.plan import (
   layer_paths,
   make_plan,
   plan_params,
+  register_method,
   report,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
   "models",
   "ops",
   "plan_params",
+  "register_method",
   "report",
 ]

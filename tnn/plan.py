@@ -49,6 +49,32 @@ _DENSE_CLASS = {
 }
 
 
+_RATIO_RULES: dict = {}  # registered methods: name -> ratio_ranks(weight_shape, ratio)
+
+
+def register_method(name: str, layer_cls: type, ratio_ranks) -> None:
+  """Makes a new conv layer kind plannable: `make_plan(model, name, ratio=... | budget=...)`,
+  `compress`, `distort` (DeepTwist), `report` and `plan_params` then work with it.
+
+  Args:
+    name: the method name plans use; must be new.
+    layer_cls: a `tnn.layers.Factorized` conv class (`conv = True`) whose hyper-parameter
+      argument is `ranks` (a tuple), as `TuckerConv(in_features, out_features, kernel_size,
+      ranks)`.
+    ratio_ranks: `(weight_shape HWIO, ratio) -> ranks` keeping about `ratio` of the weights.
+  """
+  global CONV_METHODS
+  if not isinstance(name, str) or not name or name in CONV_METHODS:
+    raise ValueError(f"name: {name!r} is empty or taken; taken names are {CONV_METHODS}.")
+  if not (isinstance(layer_cls, type) and issubclass(layer_cls, L.Factorized) and layer_cls.conv):
+    raise ValueError(f"layer_cls: {layer_cls!r} is not a tnn.layers.Factorized conv class.")
+  if not callable(ratio_ranks):
+    raise ValueError(f"ratio_ranks: {ratio_ranks!r} is not callable.")
+  CONV_METHODS += (name,)
+  _CONV_CLASS[name] = layer_cls
+  _RATIO_RULES[name] = ratio_ranks
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
   """One layer's decomposition, all fields static.
@@ -259,6 +285,8 @@ def _ratio_plan(method, w_shape, ratio, grid, modes) -> LayerPlan:
     grid = _tiled_grid(w_shape, grid)
     lowered = (w_shape[3], math.prod(w_shape[:3]))
     return LayerPlan("tiled_svd", (decomp.tiled_svd_rank(lowered, grid, ratio=ratio),), grid=grid)
+  if method in _RATIO_RULES:
+    return LayerPlan(method, tuple(int(r) for r in _RATIO_RULES[method](tuple(w_shape), ratio)))
   raise AssertionError(method)
 
 
