@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -398,3 +399,49 @@ def test_augment_is_the_reference_crop_and_flip_also_sharded():
   xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
   aug = jax.jit(lambda k, v: data_lib.augment(k, v, crop_pad=2, flip=True))
   np.testing.assert_array_equal(aug(key, xs), got)
+
+
+def _conv_operand_dtypes(jaxpr) -> set:
+  """dtypes of the operands of every conv in a jaxpr, sub-jaxprs (jit, cond, vjp) included."""
+  out = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      out |= {v.aval.dtype for v in eqn.invars}
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out |= _conv_operand_dtypes(sub)
+  return out
+
+
+def test_bfloat16_compute_runs_the_convs_in_bfloat16():
+  """compute_dtype='bfloat16' puts every conv in bf16 (params stay float32) and tracks the
+  float32 loss to bf16 accuracy; float32 keeps every conv in float32."""
+  model = tnn.compress(
+    tnn.models.cnn(4, rngs=nnx.Rngs(0), widths=(4, 8, 8)),
+    tnn.make_plan(tnn.models.cnn(4, rngs=nnx.Rngs(0), widths=(4, 8, 8)), "tucker2", ratio=0.5),
+  )
+  ds = data_lib.synthetic()
+  batch = (jnp.asarray(ds.train.images[:32]), jnp.asarray(ds.train.labels[:32]))
+  losses = {}
+  for dt in ("float32", "bfloat16"):
+    cfg = steps_lib.StepConfig(num_classes=4, mean=(0.5,), std=(0.3,), compute_dtype=dt)
+    tx, _ = trainer.make_optimizer(dict(lr=0.05), 10)
+    graphdef, state = steps_lib.init_state(model, tx, 0)
+    state = jax.tree.map(jnp.copy, state)  # the step donates it; `model` is used again
+    step = steps_lib.make_train_step(graphdef, tx, cfg)
+    kinds = _conv_operand_dtypes(jax.make_jaxpr(step)(state, batch).jaxpr)
+    assert kinds == {jnp.dtype(dt)}, (dt, kinds)
+    new, metrics = step(state, batch)
+    losses[dt] = float(metrics["loss"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+  assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+
+
+def test_global_batch_is_the_batch_sharded_over_the_devices():
+  mesh = jax.make_mesh((2,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x = np.arange(8 * 3, dtype=np.uint8).reshape(8, 3)
+  g = trainer.global_batch(x, sharding)
+  np.testing.assert_array_equal(np.asarray(g), x)
+  assert g.sharding == sharding
+  shards = sorted((s.index[0].start, np.asarray(s.data).tolist()) for s in g.addressable_shards)
+  assert shards == [(0, x[:4].tolist()), (4, x[4:].tolist())]

@@ -29,16 +29,21 @@ from jax import lax
 Padding = str | Sequence[tuple[int, int]]
 
 
-def _acc(dtype) -> jnp.dtype:
-  """Accumulation dtype: float32 for bf16/f16/f32, float64 for float64."""
-  return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+def _acc(dtype) -> jnp.dtype | None:
+  """The `preferred_element_type` of a contraction: float64 for float64, else None.
+
+  For bf16/f16 we ask for nothing: XLA's GPU and TPU backends (cuDNN, cuBLAS, the MXU)
+  accumulate half-precision products in float32 on their own, and a float32 request
+  would make every backward conv and matmul take a float32 cotangent (half the speed).
+  """
+  return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else None
 
 
 def contract(spec: str, *operands: jax.Array, precision=None) -> jax.Array:
   """Einsum over named modes, contracted left to right in the order given.
 
   The order is explicit (no path search) so that the cost is the one `contract_macs`
-  counts and the one a layer's author chose. Accumulates in float32 at least.
+  counts and the one a layer's author chose. Half-precision accumulation: see `_acc`.
   """
   inputs, out = spec.split("->")
   names = inputs.split(",")

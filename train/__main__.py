@@ -7,6 +7,12 @@ from train import run as run_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file with get_config().")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "jax_distributed",
+  False,
+  "Multi-host: call jax.distributed.initialize() first (the cluster is found from the "
+  "environment: SLURM, Cloud TPU, or JAX_COORDINATOR_ADDRESS / num_processes / process_id).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -14,6 +20,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _DISTRIBUTED.value:
+    import jax
+
+    jax.distributed.initialize()
   config = _CONFIG.value
   if not config.get("data_dir"):
     config.data_dir = None

@@ -35,6 +35,7 @@ import math
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -279,6 +280,8 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
       row = record(method, student, t0, **tag, accuracy_after_decomposition=acc0)
     row["conv_ratio"] = row["conv_params"] / dense_conv
 
+  if jax.process_index() != 0:  # one writer under jax.distributed
+    return rows
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(rows, f, indent=1)
   print_table(rows)

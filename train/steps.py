@@ -98,6 +98,18 @@ def distort_model(model: nnx.Module, groups: tuple) -> jax.Array:
   return refused
 
 
+def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
+  """Mixed precision: every conv, dense, factorized and BatchNorm layer of `model` computes
+  in `dtype` (its float32 params are cast at use; gradients reach them in float32);
+  BatchNorm statistics are still computed and kept in float32. Returns `model`."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return model
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, (nnx.Conv, nnx.Linear, nnx.BatchNorm, tnn.layers.Factorized)):
+      m.dtype = jnp.dtype(dtype)
+  return model
+
+
 def _prepare(cfg: StepConfig, images, key, train: bool):
   x = data_lib.normalize(images, cfg.mean, cfg.std, cfg.pad_to)
   if train and (cfg.crop_pad or cfg.flip):
@@ -120,7 +132,7 @@ def _masked(tree, mask):
 
 def _loss(graphdef, cfg: StepConfig, params, rest, x, labels, teacher_out):
   """(loss, (logits or None, new BatchNorm statistics)) of one train-mode forward pass."""
-  model = nnx.merge(graphdef, params, rest, copy=True)
+  model = set_compute_dtype(nnx.merge(graphdef, params, rest, copy=True), cfg.compute_dtype)
   model.train()
   if cfg.loss == "block":
     feats_in, target = teacher_out
@@ -156,7 +168,7 @@ def make_train_step(graphdef, tx, cfg: StepConfig, mask=None) -> Callable:
     x = _prepare(cfg, images, k_aug, train=True)
     teacher_out = None
     if teacher is not None:
-      t_model = nnx.merge(*teacher, copy=True)
+      t_model = set_compute_dtype(nnx.merge(*teacher, copy=True), cfg.compute_dtype)
       t_model.eval()
       if cfg.loss == "block":
         feats = t_model.features(x)
@@ -199,7 +211,7 @@ def make_eval_step(graphdef, cfg: StepConfig) -> Callable:
   """`eval_step(params, rest, images, labels) -> number correct` (eval-mode BatchNorm)."""
 
   def eval_step(params, rest, images, labels):
-    model = nnx.merge(graphdef, params, rest, copy=True)
+    model = set_compute_dtype(nnx.merge(graphdef, params, rest, copy=True), cfg.compute_dtype)
     model.eval()
     logits = model(_prepare(cfg, images, None, train=False))
     return jnp.sum(jnp.argmax(logits, -1) == labels)

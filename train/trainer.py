@@ -57,9 +57,10 @@ class Logger:
   """JSON lines to `path`, a one-line progress display on a terminal."""
 
   def __init__(self, path: str, phase: str, total: int):
-    self.f = open(path, "a")
+    # One writer: with several processes (jax.distributed) only process 0 logs.
+    self.f = open(path, "a") if jax.process_index() == 0 else open(os.devnull, "w")
     self.phase, self.total = phase, total
-    self.tty = sys.stderr.isatty()
+    self.tty = sys.stderr.isatty() and jax.process_index() == 0
 
   def log(self, row: dict) -> None:
     for k, v in row.items():
@@ -80,6 +81,13 @@ class Logger:
 
 def _mesh():
   return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def global_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """The global batch `x` (every process computes the same indices) as one array sharded
+  over all devices; each process fills only its own devices' slices, so this works
+  unchanged on one host and on many (`jax.distributed`)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def check_batch(batch_size: int) -> None:
@@ -208,8 +216,8 @@ def run_phase(
         return nnx.merge(graphdef, state.params, state.rest)
       idx = data_lib.batch_indices(n, batch_size, seed, s)
       batch = (
-        jax.device_put(dataset.train.images[idx], sharded),
-        jax.device_put(dataset.train.labels[idx], sharded),
+        global_batch(dataset.train.images[idx], sharded),
+        global_batch(dataset.train.labels[idx], sharded),
       )
       state, metrics = step_fn(state, batch, t_args) if t_args else step_fn(state, batch)
       seen += batch_size

@@ -1,0 +1,196 @@
+"""Factorized layers against dense: a whole training step, and single layers.
+
+  PYTHONPATH=. python -m benchmarks.layers                     # the issue's settings (GPU)
+  PYTHONPATH=. python -m benchmarks.layers --batch 64 --steps 5 --layer-batch 8   # a CPU check
+
+1. Training step (forward, backward, SGD update; `train.steps.make_train_step`, the step the
+   CLI runs) of the CIFAR ResNet-32, dense and with every 3x3 conv of its residual blocks
+   factorized at `--ratio` (default 0.25) of its weights, for Tucker-2, CP, TT and TR;
+   `--dtype` compute (default bfloat16; params float32), batch `--batch` (1024).
+   images/s = batch / median step time; `vs_dense` is that over the dense images/s of the
+   same run. The target is `vs_dense >= 1.0`; rows that miss it say so.
+2. Single layers: forward + backward (gradients of the factors and of the input) of the
+   ResNet-50 3x3 shapes (64@56x56, 128@28x28, 256@14x14, 512@7x7, stride 1) at batch
+   `--layer-batch` (64), each kind at `--ratio` against the dense conv.
+
+Factors are random (speed does not depend on their values). Compile time (`first_ms`) is
+reported apart; times are medians of `--steps` runs after a warm-up, each run blocked
+until ready. Rows go to `--out` as JSON lines naming the device; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import tnn
+from benchmarks import common
+from tnn import plan as plan_lib
+from train import steps as steps_lib
+
+KINDS = ("tucker2", "cp", "tt", "tr")
+R50_3X3 = ((64, 56), (128, 28), (256, 14), (512, 7))
+
+
+def _step_rows(args, device: str) -> list:
+  dense = tnn.models.resnet32(10, rngs=nnx.Rngs(0))
+  cfg = steps_lib.StepConfig(
+    num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, compute_dtype=args.dtype
+  )
+  tx = optax.sgd(0.01, momentum=0.9)
+  rng = np.random.default_rng(0)
+  batch = (
+    jnp.asarray(rng.integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8)),
+    jnp.asarray(rng.integers(0, 10, (args.batch,), dtype=np.int32)),
+  )
+  rows = []
+  for kind in ("dense", *args.kinds):
+    if kind == "dense":
+      model = dense
+    else:
+      plan = tnn.make_plan(dense, kind, ratio=args.ratio)
+      model = tnn.factorize_random(dense, plan, nnx.Rngs(1))
+    rep = tnn.report(model, (1, 32, 32, 3))
+    graphdef, state = steps_lib.init_state(model, tx, 0)
+    state = jax.tree.map(jnp.copy, state)
+    step = steps_lib.make_train_step(graphdef, tx, cfg)
+    box = [state]
+
+    def run(step=step, box=box):
+      box[0], metrics = step(box[0], batch)
+      jax.block_until_ready(metrics)
+
+    t = common.timeit(run, repeats=args.steps, warmup=3)
+    rows.append(
+      dict(
+        bench="train_step",
+        model="resnet32",
+        kind=kind,
+        ratio=None if kind == "dense" else args.ratio,
+        dtype=args.dtype,
+        batch=args.batch,
+        params=rep["params"],
+        macs_per_image=rep["macs"],
+        images_per_s=args.batch / (t["median_ms"] / 1e3),
+        device=device,
+        **t,
+      )
+    )
+  dense_ips = rows[0]["images_per_s"]
+  for r in rows:
+    r["vs_dense"] = r["images_per_s"] / dense_ips
+    r["meets_target"] = r["kind"] == "dense" or r["vs_dense"] >= 1.0
+  return rows
+
+
+def _layer(kind, c, ratio, dtype):
+  """A factorized 3x3 conv `c -> c` at `ratio` (the plan's rank rule), random factors."""
+  w_shape = (3, 3, c, c)
+  lp = plan_lib._ratio_plan(kind, w_shape, ratio, None, None)
+  cls = plan_lib._CONV_CLASS[kind]
+  return cls(c, c, (3, 3), *lp.hyper_args(), use_bias=False, dtype=dtype, rngs=nnx.Rngs(0))
+
+
+def _layer_rows(args, device: str) -> list:
+  dtype = jnp.dtype(args.dtype)
+  rows = []
+  for c, hw in R50_3X3:
+    x = jax.random.normal(jax.random.key(0), (args.layer_batch, hw, hw, c), dtype)
+    for kind in ("dense", *args.kinds):
+      if kind == "dense":
+        w = jax.random.normal(jax.random.key(1), (3, 3, c, c), jnp.float32) / math.sqrt(9 * c)
+        params, macs, n = w, tnn.ops.conv_macs(x.shape, w.shape), w.size
+
+        def fwd(p, x):
+          return tnn.ops.conv(x, p.astype(x.dtype))
+      else:
+        layer = _layer(kind, c, args.ratio, dtype)
+        graphdef, params = nnx.split(layer)
+        macs, n = layer.macs(x.shape), layer.num_params()
+
+        def fwd(p, x, graphdef=graphdef):
+          return nnx.merge(graphdef, p)(x)
+
+      @jax.jit
+      def fwd_bwd(p, x, fwd=fwd):
+        def loss(p, x):
+          return jnp.sum(jnp.square(fwd(p, x).astype(jnp.float32)))
+
+        return jax.grad(loss, argnums=(0, 1))(p, x)
+
+      t = common.timeit(
+        lambda f=fwd_bwd, p=params, x=x: jax.block_until_ready(f(p, x)),
+        repeats=args.steps,
+        warmup=3,
+      )
+      rows.append(
+        dict(
+          bench="layer_fwd_bwd",
+          shape=f"3x3 {c}->{c} @{hw}x{hw}",
+          kind=kind,
+          ratio=None if kind == "dense" else args.ratio,
+          dtype=args.dtype,
+          batch=args.layer_batch,
+          params=int(n),
+          macs=int(macs),
+          device=device,
+          **t,
+        )
+      )
+    dense_ms = next(
+      r["median_ms"] for r in rows if r["shape"].startswith(f"3x3 {c}->") and r["kind"] == "dense"
+    )
+    for r in rows:
+      if r["shape"].startswith(f"3x3 {c}->"):
+        r["vs_dense"] = dense_ms / r["median_ms"]
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--batch", type=int, default=1024)
+  p.add_argument("--layer-batch", type=int, default=64)
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--ratio", type=float, default=0.25)
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  p.add_argument("--kinds", default=",".join(KINDS))
+  p.add_argument("--only", default="", choices=("", "step", "layer"))
+  p.add_argument("--out", default="benchmarks/results/layers.jsonl")
+  args = p.parse_args(argv)
+  args.kinds = tuple(k for k in args.kinds.split(",") if k)
+  for k in args.kinds:
+    if k not in KINDS:
+      raise ValueError(f"--kinds: unknown {k!r}; allowed {KINDS}.")
+  device = common.device_name()
+  rows = []
+  if args.only in ("", "step"):
+    rows += _step_rows(args, device)
+  if args.only in ("", "layer"):
+    rows += _layer_rows(args, device)
+  common.write_jsonl(args.out, rows)
+  print(f"\ndevice: {device}, dtype {args.dtype}, ratio {args.ratio}")
+  for r in rows:
+    if r["bench"] == "train_step":
+      flag = "" if r["meets_target"] else "  MISSES the 1.0x target"
+      print(
+        f"train step resnet32 {r['kind']:8s} batch {r['batch']:5d} {r['images_per_s']:10.0f} img/s"
+        f"  {r['vs_dense']:5.2f}x dense  params {r['params']:8d}"
+        f"  compile {r['first_ms'] / 1e3:6.1f} s{flag}"
+      )
+    else:
+      print(
+        f"layer {r['shape']:22s} {r['kind']:8s} fwd+bwd {r['median_ms']:8.3f} ms"
+        f"  {r['vs_dense']:5.2f}x dense  params {r['params']:8d}  MACs {r['macs']:12d}"
+      )
+
+
+if __name__ == "__main__":
+  main()
