@@ -163,6 +163,7 @@ def test_tiny_run_learns_and_every_method_runs(tmp_path):
       sd_rule="quadratic",
       sd_recover=0.2,
       sd_batches=2,
+      sd_max=3,
       bn_batches=3,
       steps=6,
       opt=c.deeptwist.opt,
@@ -178,7 +179,8 @@ def test_tiny_run_learns_and_every_method_runs(tmp_path):
   auto = by["deeptwist_auto"]
   assert auto["kind"] == "deeptwist" and auto["method_detail"] == "svd"
   assert auto["sd_curvature"] > 0
-  assert auto["sd"] >= 1 and auto["steps"] % auto["sd"] == 0 and auto["steps"] >= 6
+  assert auto["sd"] == min(auto["sd_estimate"], 3)  # capped by sd_max
+  assert auto["steps"] % auto["sd"] == 0 and 6 <= auto["steps"] < 6 + auto["sd"]
   for m in methods[1:]:
     assert by[m]["params"] < by["dense"]["params"]
   saved = json.loads((tmp_path / "results.json").read_text())
@@ -294,6 +296,7 @@ def test_data_parallel_over_two_devices():
     (lambda c: setattr(c.deeptwist, "sd", 0), "sd must be >= 1"),
     (lambda c: setattr(c.deeptwist, "sd_rule", "cubic"), "sd_rule: unknown 'cubic'"),
     (lambda c: setattr(c.deeptwist, "bn_batches", -1), "bn_batches must be >= 0"),
+    (lambda c: setattr(c.deeptwist, "sd_max", -1), "sd_max must be >= 0"),
     (lambda c: setattr(c, "model", "alexnet"), "unknown 'alexnet'"),
     (lambda c: setattr(c, "batch_size", 33), "does not divide"),
   ],

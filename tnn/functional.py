@@ -167,10 +167,12 @@ def _cp_kernel(p, ws, rank):
 
 
 def _cp_apply(x, p, rank, strides, padding):
+  """The two depthwise convs are `d` shifted multiply-adds each (`ops.depthwise_1d`):
+  elementwise work that XLA fuses, where a grouped conv with `R` groups runs slowly."""
   ph, pw = _split_pads(x.shape, (p["a_h"].shape[0], p["a_w"].shape[0]), strides, padding)
   y = ops.contract("nhws,sr->nhwr", x, p["a_s"])
-  y = _conv_h(y, p["a_h"][:, None, :], strides, ph, groups=rank)  # depthwise d_h x 1
-  y = _conv_w(y, p["a_w"][:, None, :], strides, pw, groups=rank)  # depthwise 1 x d_w
+  y = ops.depthwise_1d(y, p["a_h"], axis=1, stride=strides[0], pad=ph)  # d_h x 1
+  y = ops.depthwise_1d(y, p["a_w"], axis=2, stride=strides[1], pad=pw)  # 1 x d_w
   return ops.contract("nhwr,tr->nhwt", y, p["a_t"])
 
 
@@ -210,19 +212,18 @@ def _tr_kernel(p, ws, ranks):
 
 
 def _tr_apply(x, p, ranks, strides, padding):
-  """The ring rank `R0` is carried as conv groups: each of the `R0` channel blocks runs
-  the same `(d_h x 1)` and `(1 x d_w)` convs (weights tiled), so one grouped conv per
-  spatial mode does all of them; there is no 3-D conv over a ring axis."""
+  """The ring rank `R0` is folded into the batch: the first 1x1 gives `(N, R0, H, W, R1)`,
+  read as `N R0` images of `R1` channels; plain `(d_h x 1)` and `(1 x d_w)` convs run on
+  them; the last 1x1 contracts `R0` and `R3` back. No grouped conv (XLA runs grouped convs
+  slowly, on CPU by an order of magnitude) and no 3-D conv over a ring axis."""
   r0, r1, r2, r3 = ranks
   n, h, w, _ = x.shape
   ph, pw = _split_pads(x.shape, (p["g1"].shape[1], p["g2"].shape[1]), strides, padding)
-  y = ops.contract("nhws,asb->nhwab", x, p["g0"]).reshape(n, h, w, r0 * r1)
-  w_h = jnp.tile(jnp.transpose(p["g1"], (1, 0, 2)), (1, 1, r0))  # (d_h, R1, R0 R2)
-  y = _conv_h(y, w_h, strides, ph, groups=r0)
-  w_w = jnp.tile(jnp.transpose(p["g2"], (1, 0, 2)), (1, 1, r0))  # (d_w, R2, R0 R3)
-  y = _conv_w(y, w_w, strides, pw, groups=r0)
-  y = y.reshape(*y.shape[:3], r0, r3)
-  return ops.contract("nhwad,dta->nhwt", y, p["g3"])
+  y = ops.contract("nhws,asb->nahwb", x, p["g0"]).reshape(n * r0, h, w, r1)
+  y = _conv_h(y, jnp.transpose(p["g1"], (1, 0, 2)), strides, ph)  # (d_h, R1, R2)
+  y = _conv_w(y, jnp.transpose(p["g2"], (1, 0, 2)), strides, pw)  # (d_w, R2, R3)
+  y = y.reshape(n, r0, *y.shape[1:3], r3)
+  return ops.contract("nahwd,dta->nhwt", y, p["g3"])
 
 
 def _tr_macs(xs, ws, ranks, strides, padding):

@@ -132,6 +132,32 @@ def conv(
   return y.astype(x.dtype)
 
 
+def depthwise_1d(
+  x: jax.Array, w: jax.Array, *, axis: int, stride: int = 1, pad: tuple = (0, 0)
+) -> jax.Array:
+  """Depthwise convolution of `x` `(N, H, W, C)` along one spatial mode (`axis` 1 or 2)
+  with `w` `(d, C)`: `y[.., i, .., c] = sum_k x_pad[.., i stride + k, .., c] w[k, c]`.
+
+  The same numbers as a `(d, 1)` or `(1, d)` conv with `C` groups, computed as `d` strided
+  slices times a row of `w`: elementwise work that XLA fuses into one loop.
+  """
+  if axis not in (1, 2):
+    raise ValueError(f"depthwise_1d: axis must be 1 (H) or 2 (W), got {axis}.")
+  d = w.shape[0]
+  widths = [(0, 0)] * 4
+  widths[axis] = tuple(pad)
+  xp = jnp.pad(x, widths)
+  n_out = (xp.shape[axis] - d) // stride + 1
+  w = w.astype(x.dtype)
+  y = None
+  for k in range(d):
+    start, limit, step = [0] * 4, list(xp.shape), [1] * 4
+    start[axis], limit[axis], step[axis] = k, k + (n_out - 1) * stride + 1, stride
+    term = lax.slice(xp, start, limit, step) * w[k].reshape(1, 1, 1, -1)
+    y = term if y is None else y + term
+  return y
+
+
 def conv_macs(
   x_shape: Sequence[int],
   w_shape: Sequence[int],

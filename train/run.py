@@ -19,7 +19,9 @@ not method names name a config section whose `kind` is the method (e.g. `deeptwi
 with `kind="deeptwist"`, `ratio=0.2`); rows are labelled by the entry and carry the kind.
 
 DeepTwist's `sd` is given, or estimated from the dense net with `sd_rule="quadratic"`
-(`train.sd_rule`; `sd_recover`, `sd_batches`) and written to the row and metrics.
+(`train.sd_rule`; `sd_recover`, `sd_batches`) and written to the row (`sd_estimate`);
+`sd_max` (0: none) caps the SD used, for runs shorter than the estimate (the rounded-up
+step count is a multiple of SD, so an uncapped large estimate lengthens a short run).
 After the last distortion the BatchNorm statistics are recomputed at the distorted
 weights (`bn_batches` batches; 0 keeps them) before conversion.
 
@@ -82,6 +84,8 @@ def validate(config) -> None:
         raise ValueError(f"config.{m}.sd must be >= 1, got {sub.sd}.")
       if not 0 < sub.get("sd_recover", 0.1) < 1:
         raise ValueError(f"config.{m}.sd_recover must be in (0, 1), got {sub.sd_recover}.")
+      if sub.get("sd_max", 0) < 0:
+        raise ValueError(f"config.{m}.sd_max must be >= 0 (0: no cap), got {sub.sd_max}.")
       if sub.get("bn_batches", 0) < 0:
         raise ValueError(f"config.{m}.bn_batches must be >= 0, got {sub.bn_batches}.")
   if config.model not in tnn.models.MODELS:
@@ -220,8 +224,9 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
       sd, extra = c.get("sd", 0), {}
       if c.get("sd_rule"):
         est = _estimate_sd(config, ds, dense, groups, c)
-        sd = est.sd
         extra = {f"sd_{k}": v for k, v in est._asdict().items() if k != "sd"}
+        extra["sd_estimate"] = est.sd
+        sd = min(est.sd, c.sd_max) if c.get("sd_max") else est.sd  # sd_max: a run's length
       steps = math.ceil(c.steps / sd) * sd  # the last step is a distortion
       cfg = _step_cfg(config, ds, sd=sd, groups=groups)
       com = common(method) | {"steps": steps}

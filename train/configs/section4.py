@@ -9,7 +9,8 @@ each method 0.2 epoch) for a 2-core CPU (~45 min). The README's section-4 table 
 measured, with the command and machine.
 
 Pairs to compare, at equal size (same layer kind and ranks):
-- `deeptwist_R` (Tucker-2, SD by the quadratic-model rule, BN recalibrated) against
+- `deeptwist_R` (Tucker-2, SD by the quadratic-model rule capped at a quarter of the
+  phase, so that it distorts at least 4 times; BN recalibrated) against
   `tucker_R` (the decomposed Tucker-2 net trained as long: DeepTwist's baseline);
 - `seqkd_R` (TR layers, Seq-KD block by block, then E2E-KD) against `rsdtr_R` (the same TR
   net fine-tuned with cross-entropy: RSDTR's recipe, TR ranks by ratio, shift 0).
@@ -44,6 +45,7 @@ def get_config(arg=None):
       sd_rule="quadratic",
       sd_recover=0.1,
       sd_batches=4,
+      sd_max=max(n // 4, 1),
       bn_batches=20,
       steps=n,
       opt=opt(0.02, wd=1e-4),
