@@ -183,6 +183,11 @@ def test_tiny_run_learns_and_every_method_runs(tmp_path):
   assert auto["steps"] % auto["sd"] == 0 and 6 <= auto["steps"] < 6 + auto["sd"]
   for m in methods[1:]:
     assert by[m]["params"] < by["dense"]["params"]
+  logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  results = {m["phase"]: m for m in logged if m.get("event") == "result"}
+  assert results["deeptwist_auto"]["conv_ratio"] == pytest.approx(auto["conv_ratio"])
+  assert 0 < auto["conv_ratio"] < 1 and by["dense"]["conv_ratio"] == 1.0
+  assert {"params", "macs", "test_accuracy"} <= set(results["dense"])
   saved = json.loads((tmp_path / "results.json").read_text())
   assert [r["method"] for r in saved] == list(methods)
   assert {"method", "params", "macs", "test_accuracy"} <= set(saved[0])

@@ -191,8 +191,13 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
       wall_s=round(time.time() - t0, 1),
       **extra,
     )
+    conv = row["conv_params"]
+    row["conv_ratio"] = conv / (rows[0]["conv_params"] if rows else conv)  # rows[0]: dense
     rows.append(row)
     print(json.dumps(row), flush=True)
+    if jax.process_index() == 0:  # the phase's summary in the metrics stream too
+      with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"phase": method, "event": "result", **row}) + "\n")
     return row
 
   t0 = time.time()
@@ -204,8 +209,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
   dense = trainer.run_phase(
     "dense", workdir, dense, ds, cfg=_step_cfg(config, ds), **common("dense")
   )
-  dense_row = record("dense", dense, t0)
-  dense_conv = dense_row["conv_params"]
+  record("dense", dense, t0)
 
   for method in config.methods:
     kind = method_kind(config, method)
@@ -243,7 +247,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
         )
       extra["accuracy_before_conversion"] = evaluate(trained)
       final = tnn.compress(trained, plan)
-      row = record(method, final, t0, **tag, sd=sd, steps=steps, **extra)
+      record(method, final, t0, **tag, sd=sd, steps=steps, **extra)
     elif kind in ("finetune", "e2ekd", "scratch"):
       if kind == "scratch":
         student = tnn.factorize_random(dense, plan, nnx.Rngs(config.seed + 1))
@@ -263,7 +267,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
       final = trainer.run_phase(
         method, workdir, student, ds, cfg=cfg, teacher=dense if kd else None, **common(method)
       )
-      row = record(method, final, t0, **tag, **extra)
+      record(method, final, t0, **tag, **extra)
     elif kind == "seqkd":
       student = tnn.compress(dense, plan)
       acc0 = evaluate(student)
@@ -282,8 +286,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
         student = trainer.run_phase(
           f"{method}_e2e", workdir, student, ds, cfg=cfg, teacher=dense, **com
         )
-      row = record(method, student, t0, **tag, accuracy_after_decomposition=acc0)
-    row["conv_ratio"] = row["conv_params"] / dense_conv
+      record(method, student, t0, **tag, accuracy_after_decomposition=acc0)
 
   if jax.process_index() != 0:  # one writer under jax.distributed
     return rows
