@@ -23,10 +23,11 @@ Conv kinds and their pipelines (the names the TNN and RSDTR papers use):
 - `cp`: `a_s (S, R)`, `a_h (d_h, R)`, `a_w (d_w, R)`, `a_t (T, R)`; 1x1, depthwise `d x 1`,
   depthwise `1 x d`, 1x1 (Lebedev et al. 2015).
 - `tr`: `g0 (R0, S, R1)`, `g1 (R1, d_h, R2)`, `g2 (R2, d_w, R3)`, `g3 (R3, T, R0)`; 1x1
-  `S -> R0 R1`, `d x 1` and `1 x d` convs with `R0` groups, 1x1 closing the ring (RSDTR).
-- `tt`: `tr` with `R0 = 1` (one group).
-- `mcp`, `mtk`, `mtt`, `mtr`: see `_mform`; channel contractions, then one `T`-grouped
-  `d x d` conv.
+  `S -> R0 R1`, `d x 1` and `1 x d` convs on the `R0`-fold batch, 1x1 closing the ring
+  (RSDTR).
+- `tt`: `tr` with `R0 = 1`.
+- `mcp`, `mtk`, `mtt`, `mtr`: see `_mform`; channel contractions, then one `d x d`
+  conv `Q -> 1` per output channel (T folded into the batch).
 
 The CP weights are folded into `a_t`; a `tr` kernel is the ring `(S, d_h, d_w, T)`
 read back in HWIO order.
@@ -288,9 +289,9 @@ def _mform(form: str, conv: bool) -> Kind:
 
   Our reading: the spatial mode is one more mode of the decomposition, last (the ring
   closes through it). The forward contracts the input's m channel modes with the channel
-  factors first, giving `(N, H, W, t_1..t_m, Q)`; then one conv with `T` groups applies the
-  spatial factor `(d_h, d_w, Q)` to every `t` (so the spatial factor is shared across
-  output channels, as the decomposition says). Factors keep `s_k` and `t_k` as separate
+  factors first, giving `(N, H, W, t_1..t_m, Q)`; then the spatial factor `(d_h, d_w, Q)`
+  is applied to every `t` (it is shared across output channels, as the decomposition
+  says) as one plain conv `Q -> 1` over the batch `N T`. Factors keep `s_k` and `t_k` as separate
   axes: `(R_{k-1}, s_k, t_k, R_k)`, `(s_k, t_k, R)`, `(s_k, t_k, r_k)`.
   """
 
@@ -372,9 +373,11 @@ def _mform(form: str, conv: bool) -> Kind:
       return y.reshape(n, t)
     sp = spatial(p, hp)
     q = sp.shape[-1]
-    y = y.reshape(n, h, w, t * q)
-    w_sp = jnp.broadcast_to(sp[..., None], (*sp.shape, t))  # (d_h, d_w, Q, T): shared by every t
-    return ops.conv(y, w_sp, strides=strides, padding=padding, groups=t)
+    # The spatial factor is shared by every t: fold T into the batch and run one plain
+    # conv Q -> 1 on N T images (no T-grouped conv, which XLA runs slowly).
+    y = jnp.moveaxis(y.reshape(n, h, w, t, q), 3, 1).reshape(n * t, h, w, q)
+    y = ops.conv(y, sp[..., None], strides=strides, padding=padding)  # (N T, H', W', 1)
+    return jnp.moveaxis(y.reshape(n, t, *y.shape[1:3]), 1, 3)
 
   def macs(xs, ws, hp, strides, padding):
     spec, names, sp = channel_spec(hp)

@@ -9,9 +9,9 @@ Hardware: a 2-core x86 CPU (no GPU). Expected: see the README's measured table (
 accuracy of the last run). Pretrains `tnn.models.cnn` (widths 16/32/64, 0.07M params),
 then from it: DeepTwist (Tucker-2, distortion every 40 steps), RSDTR-style fine-tuning
 (TR ranks at 10% of each kernel, fine-tuned), and TNN Seq-KD (TT layers, block by block,
-then end-to-end distillation). The m-forms (mTT...) use T-grouped convs, which XLA runs
-very slowly on CPU, so the CPU demo uses the plain TT layer. Prints a table and writes
-results.json and two PNG plots.
+then end-to-end distillation). The m-forms (mTT...) run their spatial conv once per output
+channel, many more MACs than TT at equal size, so the CPU demo uses the plain TT layer.
+Prints a table and writes results.json and two PNG plots.
 """
 
 import ml_collections

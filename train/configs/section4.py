@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.checkpoint_every = 200 if cpu else 1000
   dense_ep, method_ep = (1, 0.2) if cpu else (60, 20)
   c.dense = section(steps=epochs(c, dense_ep), opt=opt(0.1, wd=1e-4))
-  n = epochs(c, method_ep)
+  n = 4 * -(-epochs(c, method_ep) // 4)  # a multiple of 4: DeepTwist's capped SD divides it
   n_blocks = 3  # stages of a CIFAR ResNet: the Seq-KD blocks
   block_steps = max(n // (3 * n_blocks), 1)  # a third of the steps block by block, then E2E
   methods = ["dense"]

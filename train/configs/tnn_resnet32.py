@@ -8,8 +8,8 @@ and end-to-end (E2E-KD) distillation from the dense net, and by plain fine-tunin
 
 ARG: the fraction (0.05, 0.1 or 0.2 in the paper; default 0.1), the layer (cp, tucker2,
 tt, tr, mcp, mtk, mtt, mtr; default mtt), optionally `fmnist`. Hardware: one GPU.
-Expected: not yet measured with this config. The m-forms run a T-grouped conv after the
-channel contractions, which XLA's CPU backend runs very slowly; use a GPU.
+Expected: not yet measured with this config. The m-forms run their spatial conv once per
+output channel (many MACs at equal size); use a GPU.
 """
 
 from train.configs import common
