@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train import data as data_lib
@@ -80,7 +80,10 @@ class Logger:
 
 
 def _mesh():
-  return jax.make_mesh((jax.device_count(),), ("data",))
+  # Auto axis: the batch is sharded and XLA propagates the rest (data parallelism); with
+  # jax's default Explicit axes every reshape that splits the batch dimension (the layers
+  # fold ranks into it) would need its output sharding spelled out.
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
 def global_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
