@@ -77,6 +77,8 @@ def make_distortion(kernels, method, which):
   stacks = [jnp.stack([jnp.asarray(kernels[i]) for i in idx]) for _, idx in groups]
 
   def one(k):
+    if which == "tucker2" and method == "sweep":
+      return decomp.reconstruct(decomp.tucker2_sweep(k, tucker2_ranks(k.shape), n_sweeps=2))
     if which == "tucker2":
       return decomp.reconstruct(decomp.tucker2(k, tucker2_ranks(k.shape), method=method))
     return decomp.reconstruct(decomp.lowered_svd(k, lowered_rank(k.shape), method=method))
@@ -138,9 +140,13 @@ def bench_net(net, args, device):
     ("tucker2", tensorly_tucker2, "tensorly"),
     ("lowered_svd", tensorly_lowered, "tensorly"),
   ):
+    if which not in args.tasks:
+      continue
     peer_ms, peer_out = _time_host(lambda f=peer_fn: f(kernels), args.peer_repeats)
     peer_err = _net_error(kernels, peer_out)
     for method in args.methods:
+      if method == "sweep" and which != "tucker2":
+        continue  # the eigensolver-free route exists for Tucker-2 only
       run, approx = make_distortion(kernels, method, which)
       t = common.timeit(run, repeats=args.repeats)
       rows.append(
@@ -161,13 +167,13 @@ def bench_net(net, args, device):
       )
       print(_fmt(rows[-1]), flush=True)
       common.write_jsonl(args.out, rows[-1:])
-  for eps in args.eps:
+  for eps in args.eps if "rsdtr" in args.tasks else ():
     peer = []
     peer_ms, peer = _time_host(
       lambda e=eps: [paper_rsdtr.rsdtr(k, e) for k in kernels], args.paper_repeats
     )
     peer_out = [paper_rsdtr.tr_to_kernel(p[2]) for p in peer]
-    for method in args.methods:
+    for method in (m for m in args.methods if m != "sweep"):
       t0 = time.perf_counter()
       decomp.rsdtr_many(kernels, eps=eps, method=method)  # compiles
       first = 1e3 * (time.perf_counter() - t0)
@@ -218,7 +224,8 @@ def main():
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--nets", default="resnet32", help="resnet32,resnet50 (see repro_cpu_hang)")
-  p.add_argument("--methods", default="gram,svd")
+  p.add_argument("--methods", default="gram,svd,sweep", help="sweep: tucker2_sweep (2 sweeps)")
+  p.add_argument("--tasks", default="tucker2,lowered_svd,rsdtr")
   p.add_argument("--eps", default="0.3,0.5")
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--rsdtr-repeats", type=int, default=3)
@@ -227,6 +234,7 @@ def main():
   p.add_argument("--out", default="results/decomp.jsonl")
   args = p.parse_args()
   args.methods = args.methods.split(",")
+  args.tasks = args.tasks.split(",")
   args.eps = [float(e) for e in args.eps.split(",") if e]
   device = common.device_name()
   print(f"device: {device}, jax {jax.__version__}, XLA threads: {os.cpu_count()}", flush=True)

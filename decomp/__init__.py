@@ -24,7 +24,7 @@ from decomp.ranks import (
 )
 from decomp.rsdtr import RSDTR, rsdtr, rsdtr_many, rsdtr_stack, tr_storage
 from decomp.train_ring import tr_max_ranks, tr_svd, tt_max_ranks, tt_svd
-from decomp.tucker import hooi, hosvd, tucker2
+from decomp.tucker import hooi, hosvd, tucker2, tucker2_sweep
 
 __all__ = [
   "CP",
@@ -62,6 +62,7 @@ __all__ = [
   "tucker2_ranks",
   "tucker2_ranks_eps",
   "tucker2_ranks_vbmf",
+  "tucker2_sweep",
   "unlowered",
   "vbmf_rank",
 ]

@@ -105,3 +105,21 @@ def mask_columns(u: jax.Array, rest: jax.Array, r: jax.Array):
   """Zeroes the columns `>= r` of `u` and the matching rows of `rest`."""
   keep = jnp.arange(u.shape[1], dtype=jnp.int32) < r
   return u * keep[None, :].astype(u.dtype), rest * keep[:, None].astype(rest.dtype)
+
+
+def cholesky_qr(a: jax.Array) -> jax.Array:
+  """Orthonormal columns spanning `a` `(m, k)`, `k <= m`: shifted Cholesky-QR, twice.
+
+  `r^T r = a^T a + shift I` and `a r^{-1}`, done twice (Fukaya et al. 2020: the first pass
+  conditions, the second restores orthogonality to rounding level). The shift (a few
+  hundred ulps of the Gram trace) keeps Cholesky defined for rank-deficient or zero `a`,
+  whose deficient columns come out small instead of NaN. Matrix products and one small
+  Cholesky per pass: no QR (see `_orthonormal_columns`)."""
+  eps = jnp.finfo(a.dtype).eps
+  k = a.shape[1]
+  for _ in range(2):
+    g = mm(a.T, a)
+    shift = 100 * eps * jnp.trace(g) + jnp.finfo(a.dtype).tiny
+    r = jnp.linalg.cholesky(g + shift * jnp.eye(k, dtype=a.dtype))
+    a = jax.scipy.linalg.solve_triangular(r, a.T, lower=True).T
+  return a

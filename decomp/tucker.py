@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from decomp import _checks
-from decomp._linalg import truncated_svd
+from decomp._linalg import cholesky_qr, mm, truncated_svd
 from decomp.factors import Tucker, mode_product
 
 
@@ -143,3 +143,56 @@ def hooi(x, ranks, *, n_iter: int = 20, tol: float = 1e-6, method: str = "gram")
   if not tol >= 0:
     raise ValueError(f"tol must be >= 0, got {tol}.")
   return _hooi(x, ranks, n_iter, jnp.asarray(tol, x.dtype), _checks.check_method(method))
+
+
+@functools.partial(jax.jit, static_argnames=("ranks", "n_sweeps"))
+def _tucker2_sweep(kernel, ranks, n_sweeps, key):
+  r_s, r_t = ranks
+  w_s = _unfold(kernel, 2)  # (S, d_h d_w T)
+  w_t = _unfold(kernel, 3)  # (T, d_h d_w S)
+  k_s, k_t = jax.random.split(key)
+  # Randomized range finder with one power step: the start of the sweeps.
+  u_s = cholesky_qr(mm(w_s, mm(w_s.T, jax.random.normal(k_s, (w_s.shape[0], r_s), w_s.dtype))))
+  u_t = cholesky_qr(mm(w_t, mm(w_t.T, jax.random.normal(k_t, (w_t.shape[0], r_t), w_t.dtype))))
+  for _ in range(n_sweeps):
+    m = _unfold(mode_product(kernel, u_t.T, 3), 2)  # (S, d_h d_w r_T)
+    u_s = cholesky_qr(mm(m, mm(m.T, u_s)))
+    m = _unfold(mode_product(kernel, u_s.T, 2), 3)  # (T, d_h d_w r_S)
+    u_t = cholesky_qr(mm(m, mm(m.T, u_t)))
+  factors = (None, None, u_s, u_t)
+  return Tucker(_project(kernel, factors), factors)
+
+
+def tucker2_sweep(kernel, ranks, *, n_sweeps: int = 2, seed: int = 0) -> Tucker:
+  """Tucker-2 by alternating subspace iteration: matrix products only, no eigensolver.
+
+  HOOI with its inner eigenproblems replaced by one subspace-iteration step each: from a
+  randomized range-finder start (one power step, fixed `seed`), each sweep updates `U_S`
+  from the kernel projected on `U_T`, then `U_T` from the kernel projected on `U_S`, each
+  followed by `decomp._linalg.cholesky_qr`. On a 2-core CPU the eigendecompositions are
+  most of `tucker2`'s time, so this is the fast route there.
+
+  Its error is not HOSVD's. Measured on the 31 ResNet-32 kernel shapes at ranks C/4
+  (network relative error): random He-normal kernels, HOSVD 0.9206, 1/2/4/8 sweeps
+  0.9223/0.9108/0.9024/0.8969 (below HOSVD from 2 sweeps, as HOOI is); the same kernels
+  with channel spectra decaying geometrically to 1e-3, HOSVD 0.2048, sweeps
+  0.2212/0.2125/0.2070/0.2054 (3.8% above HOSVD at 2 sweeps, 0.3% at 8). Enough sweeps
+  converge to HOOI (tested). An exactly rank-`(r_S, r_T)` kernel is recovered exactly.
+  Factor signs are not canonical.
+
+  Args:
+    kernel: Flax conv kernel `(d_h, d_w, S, T)`.
+    ranks: `(r_S, r_T)`, as in `tucker2`.
+    n_sweeps: alternating sweeps, >= 1.
+    seed: seed of the random start.
+
+  Returns:
+    `Tucker(core (d_h, d_w, r_S, r_T), (None, None, U_S, U_T))`, orthonormal factors.
+  """
+  kernel = _checks.as_kernel(kernel)
+  if not isinstance(ranks, (tuple, list)) or len(ranks) != 2:
+    raise ValueError(f"tucker2_sweep: ranks must be a pair (r_S, r_T), got {ranks!r}.")
+  full = _check_ranks(kernel, (None, None, *ranks), "tucker2_sweep")
+  if not isinstance(n_sweeps, int) or n_sweeps < 1:
+    raise ValueError(f"n_sweeps must be an int >= 1, got {n_sweeps!r}.")
+  return _tucker2_sweep(kernel, full[2:], n_sweeps, jax.random.key(seed))
