@@ -101,6 +101,7 @@ def _layer_rows(args, device: str) -> list:
   dtype = jnp.dtype(args.dtype)
   rows = []
   for c, hw in R50_3X3:
+    shape_rows = []
     x = jax.random.normal(jax.random.key(0), (args.layer_batch, hw, hw, c), dtype)
     for kind in ("dense", *args.kinds):
       if kind == "dense":
@@ -129,7 +130,7 @@ def _layer_rows(args, device: str) -> list:
         repeats=args.steps,
         warmup=3,
       )
-      rows.append(
+      shape_rows.append(
         dict(
           bench="layer_fwd_bwd",
           shape=f"3x3 {c}->{c} @{hw}x{hw}",
@@ -143,12 +144,9 @@ def _layer_rows(args, device: str) -> list:
           **t,
         )
       )
-    dense_ms = next(
-      r["median_ms"] for r in rows if r["shape"].startswith(f"3x3 {c}->") and r["kind"] == "dense"
-    )
-    for r in rows:
-      if r["shape"].startswith(f"3x3 {c}->"):
-        r["vs_dense"] = dense_ms / r["median_ms"]
+    for r in shape_rows:  # the first row of each shape is the dense conv
+      r["vs_dense"] = shape_rows[0]["median_ms"] / r["median_ms"]
+    rows += shape_rows
   return rows
 
 

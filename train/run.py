@@ -245,7 +245,9 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
           batch_size=config.batch_size,
           seed=config.seed,
         )
-      extra["accuracy_before_conversion"] = evaluate(trained)
+        extra["accuracy_before_conversion"] = evaluate(trained)
+      else:
+        extra["accuracy_before_conversion"] = extra["accuracy_last_distortion"]
       final = tnn.compress(trained, plan)
       record(method, final, t0, **tag, sd=sd, steps=steps, **extra)
     elif kind in ("finetune", "e2ekd", "scratch"):
@@ -294,7 +296,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
     json.dump(rows, f, indent=1)
   print_table(rows)
   try:
-    plots(workdir, rows, config)
+    plots(workdir, rows)
   except (
     ImportError
   ) as e:  # matplotlib is a dependency; a broken install should not lose the results
@@ -336,7 +338,7 @@ def print_table(rows) -> None:
     )
 
 
-def plots(workdir: str, rows: list, config) -> None:
+def plots(workdir: str, rows: list) -> None:
   import matplotlib
 
   matplotlib.use("Agg")

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class SDEstimate(NamedTuple):
@@ -43,18 +44,14 @@ class SDEstimate(NamedTuple):
   contraction: float  # c
 
 
-def _vdot(a, b):
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
 def curvature_along(
   loss_fn: Callable, params, delta, batch
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(h, L(w), L(w + delta)) of the quadratic through L(w), grad L(w) . delta, L(w + delta)."""
   loss, grad = jax.value_and_grad(loss_fn)(params, batch)
   loss_d = loss_fn(jax.tree.map(jnp.add, params, delta), batch)
-  dd = _vdot(delta, delta)
-  h = 2 * (loss_d - loss - _vdot(grad, delta)) / dd
+  dd = optax.tree.vdot(delta, delta)
+  h = 2 * (loss_d - loss - optax.tree.vdot(grad, delta)) / dd
   return h, loss, loss_d
 
 
@@ -94,7 +91,7 @@ def estimate_sd(
   `batches`. `distort` runs once, on the host's call (it may be jitted).
   """
   delta = jax.tree.map(jnp.subtract, distort(params), params)
-  dn = float(jnp.sqrt(_vdot(delta, delta)))
+  dn = float(jnp.sqrt(optax.tree.vdot(delta, delta)))
   if not dn > 0:
     raise ValueError("the distortion does not change the weights (|delta| = 0): no SD to estimate.")
   hs, ls, lds = [], [], []

@@ -14,45 +14,27 @@ channel, many more MACs than TT at equal size, so the CPU demo uses the plain TT
 Prints a table and writes results.json and two PNG plots.
 """
 
-import ml_collections
-
-
-def _opt(lr, wd=5e-4, schedule="cosine"):
-  return ml_collections.ConfigDict(
-    dict(lr=lr, momentum=0.9, weight_decay=wd, schedule=schedule, optimizer="sgd")
-  )
+from train.configs import common
+from train.configs.common import opt, section
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.dataset = "fashion_mnist"
-  c.data_dir = ""  # default: /usr/share/datasets/fashion-mnist
-  c.model = "cnn"
-  c.model_kwargs = ml_collections.ConfigDict(dict(widths=(16, 32, 64)))
-  c.pad_to = 0  # 0: keep 28x28
-  c.augment = ml_collections.ConfigDict(dict(crop_pad=0, flip=False))
-  c.label_smoothing = 0.0
-  c.compute_dtype = "float32"
-  c.batch_size = 128
-  c.seed = 0
+  c = common.base("fashion_mnist", "cnn")  # data_dir "": Debian's folder
+  c.model_kwargs = section(widths=(16, 32, 64))
+  c.augment = section(crop_pad=0, flip=False)  # 28x28, no augmentation
   c.checkpoint_every = 200
-  c.keep = 2
   c.log_every = 20
   c.methods = ("dense", "deeptwist", "finetune", "seqkd")
-  c.dense = ml_collections.ConfigDict(dict(steps=800, opt=_opt(0.05)))
-  c.deeptwist = ml_collections.ConfigDict(
-    dict(method="tucker2", ratio=0.1, sd=40, steps=320, opt=_opt(0.02))
-  )
-  c.finetune = ml_collections.ConfigDict(dict(method="tr", ratio=0.1, steps=240, opt=_opt(0.02)))
-  c.seqkd = ml_collections.ConfigDict(
-    dict(
-      method="tt",
-      ratio=0.1,
-      block_steps=40,
-      e2e_steps=160,
-      alpha=0.9,
-      temperature=4.0,
-      opt=_opt(0.02),
-    )
+  c.dense = section(steps=800, opt=opt(0.05))
+  c.deeptwist = section(method="tucker2", ratio=0.1, sd=40, steps=320, opt=opt(0.02))
+  c.finetune = section(method="tr", ratio=0.1, steps=240, opt=opt(0.02))
+  c.seqkd = section(
+    method="tt",
+    ratio=0.1,
+    block_steps=40,
+    e2e_steps=160,
+    alpha=0.9,
+    temperature=4.0,
+    opt=opt(0.02),
   )
   return c
