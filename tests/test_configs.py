@@ -42,7 +42,13 @@ def test_config_validates_and_plans(name, arg):
   dense = nnx.eval_shape(
     lambda: build(classes, rngs=nnx.Rngs(0), in_channels=1 if fmnist else 3, **kw)
   )
-  run_lib.check_plans(c, dense)
+  plans = run_lib.check_plans(c, dense)
+  compressed = [m for m in c.methods if run_lib.method_kind(c, m) != "dense"]
+  assert sorted(plans) == sorted(compressed)
+  layers = tnn.layer_paths(dense)
+  for m, plan in plans.items():
+    assert len(plan) > 0, m
+    assert all(p in layers and lp.method == c[m].method for p, lp in plan), m
   if arg and "fmnist" in arg:
     assert c.dataset == "fashion_mnist" and c.pad_to in (0, 32)
 

@@ -117,10 +117,12 @@ def _plan_kwargs(c) -> dict:
   return kw
 
 
-def check_plans(config, dense) -> None:
+def check_plans(config, dense) -> dict:
   """Makes every shape-only plan (ratio/budget) of `config` for `dense` now, so that a
   bad method, ratio, path or rank fails before training; eps/VBMF plans need the trained
-  weights and are checked for their arguments only."""
+  weights and are checked for their arguments only (with a stand-in ratio of 0.5).
+  Returns `{method entry: Plan}` of the plans made."""
+  plans = {}
   for m in config.methods:
     if method_kind(config, m) == "dense":
       continue
@@ -130,9 +132,10 @@ def check_plans(config, dense) -> None:
       if not 0 < config[m].get("eps", 0.5) < 1:
         raise ValueError(f"config.{m}.eps must be in (0, 1), got {config[m].eps}.")
     try:
-      tnn.make_plan(dense, config[m].method, **kw)
+      plans[m] = tnn.make_plan(dense, config[m].method, **kw)
     except ValueError as e:
       raise ValueError(f"config.{m}: {e}") from None
+  return plans
 
 
 def _step_cfg(config, ds, **kw) -> steps_lib.StepConfig:
