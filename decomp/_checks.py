@@ -19,8 +19,11 @@ def is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int = 1) -> jax.Array:
-  """Returns `x` as a floating jax array after checking its rank and its values."""
+def as_float_array(
+  x, name: str, *, ndim: int | None = None, min_ndim: int = 1, check_values: bool = True
+) -> jax.Array:
+  """Returns `x` as a floating jax array after checking its rank and (unless the caller
+  checks them on the device itself, `check_values=False`) its values."""
   if isinstance(x, jax.core.Tracer):
     arr = x
   else:
@@ -33,14 +36,14 @@ def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int = 1) 
     raise ValueError(f"{name} must have at least {min_ndim} modes, got shape {tuple(arr.shape)}.")
   if 0 in arr.shape:
     raise ValueError(f"{name} must not have an empty mode, got shape {tuple(arr.shape)}.")
-  if is_concrete(arr) and not bool(jnp.all(jnp.isfinite(arr))):
+  if check_values and is_concrete(arr) and not bool(jnp.all(jnp.isfinite(arr))):
     raise ValueError(f"{name} contains NaN or Inf; decompositions need finite input.")
   return arr
 
 
-def as_kernel(kernel, name: str = "kernel") -> jax.Array:
+def as_kernel(kernel, name: str = "kernel", check_values: bool = True) -> jax.Array:
   """A Flax conv kernel `(d_h, d_w, S, T)`."""
-  return as_float_array(kernel, name, ndim=4)
+  return as_float_array(kernel, name, ndim=4, check_values=check_values)
 
 
 def check_rank(rank, name: str, hi: int, lo: int = 1) -> int:

@@ -35,6 +35,12 @@ def mm(a, b):
   return jnp.matmul(a, b, precision=HIGHEST)
 
 
+def eigh_desc(g: jax.Array):
+  """Eigenvalues (descending) and eigenvectors (columns, same order) of symmetric `g`."""
+  lam, v = jnp.linalg.eigh(g)
+  return lam[..., ::-1], v[..., ::-1]
+
+
 def _canonical_signs(u: jax.Array, rest: jax.Array):
   pivot = jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=0)[None, :], axis=0)
   sign = jnp.where(pivot < 0, -1, 1).astype(u.dtype)
@@ -61,12 +67,10 @@ def _truncated_svd(m: jax.Array, k: int, method: str):
   if method != "gram":
     raise ValueError(f"method must be 'gram' or 'svd', got {method!r}.")
   if a <= b:
-    lam, w = jnp.linalg.eigh(mm(m, m.T))
-    lam, w = lam[::-1], w[:, ::-1]
+    lam, w = eigh_desc(mm(m, m.T))
     u = w[:, :k]
     return u, jnp.sqrt(jnp.maximum(lam, 0)), mm(u.T, m)
-  lam, v = jnp.linalg.eigh(mm(m.T, m))
-  lam, v = lam[::-1], v[:, ::-1]
+  lam, v = eigh_desc(mm(m.T, m))
   s = jnp.sqrt(jnp.maximum(lam, 0))
   u = _orthonormal_columns(mm(m, v[:, :k]), s[:k])
   return u, s, mm(u.T, m)

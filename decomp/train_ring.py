@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp import _checks
-from decomp._linalg import mask_columns, tail_rank, truncated_svd
+from decomp._linalg import eigh_desc, mask_columns, mm, tail_rank, truncated_svd
 from decomp.factors import TR, TT
 
 
@@ -153,13 +153,11 @@ def _tr_first(x, method):
   return u, s, rest.reshape(-1, *x.shape[1:])
 
 
-def _tr_rest(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
-  """TR-SVD after the first step, for the split `r0 * r1` of the first rank.
+def _split(u, rest, r0, r1, p0: int, p1: int):
+  """The split `r0 * r1` of the first rank, zero-padded to the static `(p0, p1)`.
 
-  `r0`, `r1` and `delta` are traced; the split enters the shapes only through the
-  static pads `p0 >= r0`, `p1 >= r1`, so one compilation serves every split that
-  fits. Returns the padded cores (first `(p0, I_1, p1)`) and the masked ranks
-  `(R_2, ..., R_{N-1})`.
+  Returns the first core `(p0, I_1, p1)` and the remainder `t` `(p1, I_2, ..., I_N, p0)`
+  (`R_0` moved to the end) with which the TT-SVD sweep goes on.
   """
   r0, r1 = jnp.asarray(r0, jnp.int32), jnp.asarray(r1, jnp.int32)
   a = jnp.arange(p0, dtype=jnp.int32)[:, None]
@@ -168,11 +166,69 @@ def _tr_rest(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
   idx = jnp.where(valid, a * r1 + b, 0)
   first = jnp.where(valid[None], u[:, idx], 0).transpose(1, 0, 2)
   pad = valid.reshape(p0, p1, *([1] * (rest.ndim - 1)))
-  t = jnp.moveaxis(jnp.where(pad, rest[idx], 0), 0, -1)  # (p1, I_2, ..., I_N, p0)
+  return first, jnp.moveaxis(jnp.where(pad, rest[idx], 0), 0, -1)
+
+
+def _tr_rest(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
+  """TR-SVD after the first step, for the split `r0 * r1` of the first rank.
+
+  `r0`, `r1` and `delta` are traced; the split enters the shapes only through the
+  static pads `p0 >= r0`, `p1 >= r1`, so one compilation serves every split that
+  fits. Returns the padded cores (first `(p0, I_1, p1)`) and the masked ranks
+  `(R_2, ..., R_{N-1})`.
+  """
+  first, t = _split(u, rest, r0, r1, p0, p1)
   cores, found = _sweep(t, None, delta, method, r_in_real=r1, r0_real=r0)
   if found is None:
     found = jnp.zeros((0,), jnp.int32)
   return (first, *cores), found
+
+
+def _tr_rest_ranks(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
+  """The ranks `(R_2, ..., R_{N-1})` that `_tr_rest` finds, without its cores.
+
+  What a search needs from a candidate. A rank depends on the spectrum of its unfolding
+  only, and that spectrum does not change when the previous core's columns are rotated
+  within their span (the rotation acts on the rows of the unfolding), so the sweep keeps
+  no orthonormal left factors: `rest = Sigma V^T` comes straight from `eigh` of the
+  column Gram matrix of a tall unfolding (no polar step), and the last unfolding needs
+  its singular values only.
+  """
+  _, t = _split(u, rest, r0, r1, p0, p1)
+  dims = t.shape[1:-1]
+  m = t.reshape(p1 * dims[0], -1)
+  found, r_prev = [], jnp.asarray(r1, jnp.int32)
+  for k in range(len(dims) - 1):
+    last = k == len(dims) - 2
+    s, rest_k = _spectrum(m, method, with_rest=not last)
+    rows = dims[k] * r_prev
+    cols = math.prod(dims[k + 1 :]) * jnp.asarray(r0, jnp.int32)
+    r = jnp.minimum(tail_rank(s, delta), jnp.minimum(rows, cols))
+    found.append(r)
+    r_prev = r
+    if not last:
+      keep = jnp.arange(rest_k.shape[0], dtype=jnp.int32) < r
+      rest_k = rest_k * keep[:, None].astype(rest_k.dtype)
+      m = rest_k.reshape(rest_k.shape[0] * dims[k + 1], -1)
+  return jnp.stack(found) if found else jnp.zeros((0,), jnp.int32)
+
+
+def _spectrum(m: jax.Array, method: str, with_rest: bool):
+  """Singular values of `m` and, if asked, `rest` `(min(a, b), b)` with `rest^T rest = m^T m`
+  whose row space is `m`'s leading right singular subspace, in order."""
+  a, b = m.shape
+  if method == "svd":
+    if not with_rest:
+      return jnp.linalg.svd(m, compute_uv=False), None
+    _, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    return s, s[:, None] * vt
+  if a <= b:
+    lam, w = eigh_desc(mm(m, m.T))
+    s = jnp.sqrt(jnp.maximum(lam, 0))
+    return s, (mm(w.T, m) if with_rest else None)
+  lam, v = eigh_desc(mm(m.T, m))
+  s = jnp.sqrt(jnp.maximum(lam, 0))
+  return s, (s[:, None] * v.T if with_rest else None)
 
 
 _tr_rest_jit = jax.jit(_tr_rest, static_argnames=("p0", "p1", "method"))

@@ -1,0 +1,43 @@
+"""A workaround for a hang of XLA's CPU runtime (jaxlib 0.10.2).
+
+A jitted graph with several independent LAPACK calls (batched `eigh`, `qr`), such as one
+Tucker-2 distortion of a whole ResNet-50 or one round of the RSDTR search, sometimes
+never returns on CPU: every XLA worker thread idles while the caller waits
+(`python -m benchmarks.repro_cpu_hang` shows it). It does not happen with XLA's
+concurrency-optimized scheduler off, so importing `decomp` turns it off through
+`XLA_FLAGS` unless the user set that flag, or the backends already exist (then it is
+too late, and a `RuntimeWarning` says how to set it). The flag is read by XLA's CPU
+compiler only; other backends ignore it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+NAME = "xla_cpu_enable_concurrency_optimized_scheduler"
+FLAG = f"--{NAME}=false"
+
+
+def avoid_cpu_runtime_hang() -> bool:
+  """Adds `FLAG` to `XLA_FLAGS` if it is not there and XLA has not started; returns
+  whether the flag is in effect."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if NAME in flags:
+    return FLAG in flags.split()
+  from jax._src import xla_bridge
+
+  if xla_bridge.backends_are_initialized():
+    warnings.warn(
+      f"jax started before decomp was imported, so decomp could not set XLA_FLAGS={FLAG}; "
+      "on CPU, large decompositions may hang (jaxlib 0.10.2). Import decomp first or set "
+      "the flag in the environment.",
+      RuntimeWarning,
+      stacklevel=3,
+    )
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
+  return True
+
+
+IN_EFFECT = avoid_cpu_runtime_hang()
