@@ -223,7 +223,7 @@ def main():
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("--nets", default="resnet32", help="resnet32,resnet50 (see repro_cpu_hang)")
+  p.add_argument("--nets", default="resnet32", help="resnet32,resnet50")
   p.add_argument("--methods", default="gram,svd,sweep", help="sweep: tucker2_sweep (2 sweeps)")
   p.add_argument("--tasks", default="tucker2,lowered_svd,rsdtr")
   p.add_argument("--eps", default="0.3,0.5")
