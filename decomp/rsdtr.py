@@ -229,10 +229,9 @@ class _Stack:
 
   def first_round(self) -> list:
     """Each kernel's most promising candidate (least lower bound)."""
-    n = self.n
     return [
       min((c for c in self.lower if c[0] == b), key=lambda c: (self.lower[c], c[1], c[2]))
-      for b in range(n)
+      for b in range(self.n)
     ]
 
   def second_round(self) -> list:
