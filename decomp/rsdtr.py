@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp import _checks
-from decomp._linalg import eigh_desc, mm, tail_rank
+from decomp._linalg import tail_rank
 from decomp.factors import TR, num_params, reconstruct
 from decomp.ranks import _eps_rank
-from decomp.train_ring import _tr_first, _tr_rest, _tr_rest_ranks, divisor_pairs
+from decomp.train_ring import _spectrum, _tr_first, _tr_rest, _tr_rest_ranks, divisor_pairs
 
 RING_AXES = (2, 0, 1, 3)  # kernel (d_h, d_w, S, T) -> ring (S, d_h, d_w, T)
 KERNEL_AXES = (1, 2, 0, 3)  # ring (S, d_h, d_w, T) -> kernel (d_h, d_w, S, T)
@@ -132,8 +132,7 @@ def _first_steps(kernels, eps, method):
     spectra.append(s)
 
   def spectrum(m):
-    g = mm(m, m.T) if m.shape[0] <= m.shape[1] else mm(m.T, m)
-    return jnp.sqrt(jnp.maximum(eigh_desc(g)[0], 0))
+    return _spectrum(m, "gram", with_rest=False)[0]
 
   a = rings.reshape(b, s_ * dh, dw * t)
   c = jnp.transpose(rings, (0, 2, 3, 4, 1)).reshape(b, dh * dw, t * s_)
@@ -201,13 +200,12 @@ class _Stack:
         f"{self.names[bad[0]]} contains NaN or Inf; decompositions need finite input."
       )
     for b, norm in enumerate(norms):
-      sq = [np.float64(mode_spectra[m][b]) ** 2 for m in range(4)]
-      spectra = [*(np.float64(v[b]) for v in mode_spectra), np.float64(spec_a[b])]
-      spectra.append(np.float64(spec_b[b]))
+      # Singular values of the 4 mode unfoldings, then of the pairs A and B.
+      spectra = [np.float64(v[b]) for v in (*mode_spectra, spec_a, spec_b)]
       delta2 = (eps / math.sqrt(3) * float(norm)) ** 2
       for shift in range(4):
         r = int(first_ranks[shift][b])
-        e0 = float(np.sum(sq[shift][r:]))
+        e0 = float(np.sum(spectra[shift][r:] ** 2))
         # The error levels, with a hair of slack so that float rounding of a candidate's
         # errors can never make a bound invalid (eps-ranks are at least 1, as ring ranks).
         tau2, tau3 = (math.sqrt(e0 + j * delta2) * (1 + 1e-3) for j in (1, 2))

@@ -50,12 +50,9 @@ def _sweep(t: jax.Array, ranks, delta, method: str, r_in_real=None, r0_real=None
     cap = min(m.shape) if ranks is None else ranks[k]
     u, s, rest = truncated_svd(m, cap, method)
     if ranks is None:
-      r = tail_rank(s, delta)
-      # Never more than the unpadded unfolding's rank: noise in the zero padding must
-      # not inflate a rank past what the real matrix can have.
       rows = dims[k] * r_prev_real
       cols = math.prod(dims[k + 1 :]) * (q if r0_real is None else r0_real)
-      r = jnp.minimum(r, jnp.minimum(rows, cols))
+      r = _capped_rank(s, delta, rows, cols)
       u, rest = mask_columns(u, rest, r)
       found.append(r)
       r_prev_real = r
@@ -64,6 +61,13 @@ def _sweep(t: jax.Array, ranks, delta, method: str, r_in_real=None, r0_real=None
     m = rest.reshape(cap * dims[k + 1], -1)
   cores.append(m.reshape(r_prev, dims[-1], q))
   return cores, (jnp.stack(found) if found else None)
+
+
+def _capped_rank(s, delta, rows, cols):
+  """The tail rank of `s` at `delta`, never more than the unpadded unfolding's rank
+  `min(rows, cols)`: noise in zero padding must not inflate a rank past what the real
+  matrix can have."""
+  return jnp.minimum(tail_rank(s, delta), jnp.minimum(rows, cols))
 
 
 def _delta(x: jax.Array, eps) -> jax.Array:
@@ -201,9 +205,8 @@ def _tr_rest_ranks(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
   for k in range(len(dims) - 1):
     last = k == len(dims) - 2
     s, rest_k = _spectrum(m, method, with_rest=not last)
-    rows = dims[k] * r_prev
     cols = math.prod(dims[k + 1 :]) * jnp.asarray(r0, jnp.int32)
-    r = jnp.minimum(tail_rank(s, delta), jnp.minimum(rows, cols))
+    r = _capped_rank(s, delta, dims[k] * r_prev, cols)
     found.append(r)
     r_prev = r
     if not last:
