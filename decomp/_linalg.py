@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -39,6 +40,49 @@ def eigh_desc(g: jax.Array):
   """Eigenvalues (descending) and eigenvectors (columns, same order) of symmetric `g`."""
   lam, v = jnp.linalg.eigh(g)
   return lam[..., ::-1], v[..., ::-1]
+
+
+def eigvalsh_desc(g: jax.Array) -> jax.Array:
+  """Eigenvalues (descending) of symmetric `g` `(..., n, n)`, without eigenvectors.
+
+  `jnp.linalg.eigvalsh` computes the eigenvectors and drops them (its CPU lowering always
+  calls LAPACK `syevd` with `jobz='V'`). On CPU this calls the same `syevd` kernel of
+  jaxlib with `jobz='N'`: tridiagonal reduction and the QR/dqds eigenvalue iteration
+  only: 9 float32 Grams of 64 (192) in 0.73 (7.7) ms against `eigvalsh`'s 1.7 (12.1) ms
+  on a 2-core CPU. Its eigenvalues are less accurate than divide and conquer's (float32,
+  n = 192: within 60 ulps of the largest against 3), which is ample for eps-ranks. Other platforms use `jnp.linalg.eigvalsh`. The choice is
+  made when lowering (`lax.platform_dependent`), so the CPU kernel is never lowered for
+  a GPU.
+  """
+  return jax.lax.platform_dependent(
+    g, cpu=_lapack_eigvalsh, default=lambda g: jnp.linalg.eigvalsh(g)
+  )[..., ::-1]
+
+
+def _lapack_eigvalsh(g: jax.Array) -> jax.Array:
+  """Ascending eigenvalues from jaxlib's LAPACK `syevd` FFI kernel with `jobz='N'`.
+
+  The kernel reads the lower triangle of each (column-major) matrix; `g` is symmetric,
+  so the layout does not matter. It overwrites its input, which is aliased and dropped,
+  and returns LAPACK's `info` per matrix; a failed solve gives NaN, as `jnp.linalg.eigh`
+  does.
+  """
+  from jaxlib import lapack  # jaxlib's own registration of its CPU LAPACK kernels
+
+  target = lapack.prepare_lapack_call("syevd_ffi", g.dtype)
+  g = (g + jnp.swapaxes(g, -1, -2)) / 2  # what eigh's symmetrize_input does
+  call = jax.ffi.ffi_call(
+    target,
+    (
+      jax.ShapeDtypeStruct(g.shape, g.dtype),
+      jax.ShapeDtypeStruct(g.shape[:-1], g.dtype),
+      jax.ShapeDtypeStruct(g.shape[:-2], jnp.int32),
+    ),
+    input_output_aliases={0: 0},
+    vmap_method="broadcast_all",
+  )
+  _, w, info = call(g, mode=np.uint8(ord("N")), uplo=np.uint8(ord("L")))
+  return jnp.where((info == 0)[..., None], w, jnp.nan)
 
 
 def _canonical_signs(u: jax.Array, rest: jax.Array):

@@ -182,6 +182,7 @@ class _Stack:
 
   def __init__(self, kernels, names: list, eps: float, method: str):
     self.n, self.names, self.method = kernels.shape[0], names, method
+    self.dtype = kernels.dtype
     self.ring_shape = tuple(kernels.shape[1:][a] for a in RING_AXES)
     eps_arr = jnp.asarray(eps, kernels.dtype)
     self.firsts, self.delta, self.info = _first_steps(kernels, eps_arr, method)
@@ -199,21 +200,30 @@ class _Stack:
       raise ValueError(
         f"{self.names[bad[0]]} contains NaN or Inf; decompositions need finite input."
       )
+    ulp = float(jnp.finfo(self.dtype).eps)
     for b, norm in enumerate(norms):
       # Singular values of the 4 mode unfoldings, then of the pairs A and B.
       spectra = [np.float64(v[b]) for v in (*mode_spectra, spec_a, spec_b)]
       delta2 = (eps / math.sqrt(3) * float(norm)) ** 2
+
+      def rank(k, tau2, spectra=spectra):
+        """Eps-rank of spectrum `k` at squared error `tau2`, loosened by the rounding
+        of the float eigenvalues: each within 256 ulps of the largest (LAPACK's QR
+        iteration, `eigvalsh_desc`, was measured at <= 60 in float32 at n = 192), so a
+        tail of `n` of them within `256 n ulp s_1^2`. A bound must stay valid."""
+        s = spectra[k]
+        return _eps_rank(s, math.sqrt(tau2 + 256 * s.size * ulp * s[0] ** 2))
+
       for shift in range(4):
         r = int(first_ranks[shift][b])
         e0 = float(np.sum(spectra[shift][r:] ** 2))
-        # The error levels, with a hair of slack so that float rounding of a candidate's
-        # errors can never make a bound invalid (eps-ranks are at least 1, as ring ranks).
-        tau2, tau3 = (math.sqrt(e0 + j * delta2) * (1 + 1e-3) for j in (1, 2))
+        # The error levels after the second and the third truncation (see _lower_bound).
+        tau2, tau3 = e0 + delta2, e0 + 2 * delta2
         # Pair (shift, shift+1) is unfolding A for even shifts, B for odd ones.
         pair_next, pair_after = (4, 5) if shift % 2 == 0 else (5, 4)
         mode_next, mode_last = (shift + 1) % 4, (shift + 3) % 4
-        rho2 = (_eps_rank(spectra[mode_next], tau2), _eps_rank(spectra[pair_next], tau2))
-        rho3 = (_eps_rank(spectra[mode_last], tau3), _eps_rank(spectra[pair_after], tau3))
+        rho2 = (rank(mode_next, tau2), rank(pair_next, tau2))
+        rho3 = (rank(mode_last, tau3), rank(pair_after, tau3))
         for r0, r1 in divisor_pairs(r):
           self.lower[b, shift, r0, r1] = _lower_bound(self.dims(shift), r0, r1, rho2, rho3)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp import _checks
-from decomp._linalg import eigh_desc, mask_columns, mm, tail_rank, truncated_svd
+from decomp._linalg import eigh_desc, eigvalsh_desc, mask_columns, mm, tail_rank, truncated_svd
 from decomp.factors import TR, TT
 
 
@@ -225,11 +225,13 @@ def _spectrum(m: jax.Array, method: str, with_rest: bool):
       return jnp.linalg.svd(m, compute_uv=False), None
     _, s, vt = jnp.linalg.svd(m, full_matrices=False)
     return s, s[:, None] * vt
+  g = mm(m, m.T) if a <= b else mm(m.T, m)
+  if not with_rest:
+    return jnp.sqrt(jnp.maximum(eigvalsh_desc(g), 0)), None
   if a <= b:
-    lam, w = eigh_desc(mm(m, m.T))
-    s = jnp.sqrt(jnp.maximum(lam, 0))
-    return s, (mm(w.T, m) if with_rest else None)
-  lam, v = eigh_desc(mm(m.T, m))
+    lam, w = eigh_desc(g)
+    return jnp.sqrt(jnp.maximum(lam, 0)), mm(w.T, m)
+  lam, v = eigh_desc(g)
   s = jnp.sqrt(jnp.maximum(lam, 0))
   return s, (s[:, None] * v.T if with_rest else None)
 
