@@ -91,18 +91,15 @@ def tr_storage(shape, ranks) -> int:
 
 
 def _pad(n: int) -> int:
-  """Smallest of 1, 2, 3, 4, 6, 8, 12, ... (2^k and 3 * 2^k) that is >= n.
+  """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, then the multiples of 8, that is >= n.
 
-  Splits share a compilation when their ranks pad to the same sizes; this grid keeps
-  the padding under 50% per rank and the number of compilations logarithmic.
+  Splits share a compilation when their ranks pad to the same sizes. A coarse grid
+  means fewer compilations but more padding; padding costs most where ranks are large
+  (an unfolding `p x q` costs `min(p, q)^3`), so above 24 the grid steps by 8.
   """
-  p = 1
-  while True:
-    if p >= n:
-      return p
-    if p >= 2 and 3 * p // 2 >= n:
-      return 3 * p // 2
-    p *= 2
+  if n > 24:
+    return -(-n // 8) * 8
+  return next(p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24) if p >= n)
 
 
 def _shift_axes(shift: int) -> tuple:

@@ -105,3 +105,14 @@ def test_float32_error_within_bound():
   res = decomp.rsdtr(kernel, eps=0.3)
   assert res.tr.cores[0].dtype == jnp.float32
   assert float(decomp.rel_error(jnp.asarray(kernel), res)) <= 0.3 * (1 + 1e-5)
+
+
+def test_pad_grid():
+  """Pads cover `n`, never shrink as `n` grows, and waste under 50% (<= 7 above 24)."""
+  from decomp.rsdtr import _pad
+
+  pads = [_pad(n) for n in range(1, 600)]
+  assert all(p >= n for n, p in enumerate(pads, 1))
+  assert pads == sorted(pads)
+  assert all(p < 1.5 * n if n <= 24 else p - n <= 7 for n, p in enumerate(pads, 1))
+  assert sorted(set(pads[:64])) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 56, 64]
