@@ -39,7 +39,6 @@ import numpy as np
 from decomp import _checks
 from decomp._linalg import tail_rank
 from decomp.factors import TR, num_params, reconstruct
-from decomp.ranks import _eps_rank
 from decomp.train_ring import _spectrum, _tr_first, _tr_rest, _tr_rest_ranks, divisor_pairs
 
 RING_AXES = (2, 0, 1, 3)  # kernel (d_h, d_w, S, T) -> ring (S, d_h, d_w, T)
@@ -138,13 +137,16 @@ def _first_steps(kernels, eps, method):
   return tuple(firsts), delta, info
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "method", "cores"))
-def _evaluate(firsts, delta, items, groups, method, cores):
-  """Candidates of one stack in one call: for each static group `(shift, p0, p1)` its
-  items `(idx, r0, r1)` (kernel index and split), vmapped. `cores=False`: the ranks
+@functools.partial(jax.jit, static_argnames=("groups", "sizes", "method", "cores"))
+def _evaluate(firsts, delta, items, groups, sizes, method, cores):
+  """Candidates of one stack in one call: `items` `(3, n)` int32 holds `(idx, r0, r1)`
+  (kernel index and split) of each candidate, the first `sizes[0]` of static group
+  `groups[0] = (shift, p0, p1)`, and so on; each group vmapped. `cores=False`: the ranks
   `(R_2, R_3)` only (`_tr_rest_ranks`); `cores=True`: the padded cores and ranks."""
-  out = []
-  for (shift, p0, p1), (idx, r0, r1) in zip(groups, items, strict=True):
+  out, start = [], 0
+  for (shift, p0, p1), size in zip(groups, sizes, strict=True):
+    idx, r0, r1 = items[:, start : start + size]
+    start += size
     u, rest = firsts[shift]
     fn = functools.partial(_tr_rest if cores else _tr_rest_ranks, p0=p0, p1=p1, method=method)
     out.append(jax.vmap(fn)(u[idx], rest[idx], r0, r1, delta[idx]))
@@ -198,31 +200,37 @@ class _Stack:
         f"{self.names[bad[0]]} contains NaN or Inf; decompositions need finite input."
       )
     ulp = float(jnp.finfo(self.dtype).eps)
-    for b, norm in enumerate(norms):
-      # Singular values of the 4 mode unfoldings, then of the pairs A and B.
-      spectra = [np.float64(v[b]) for v in (*mode_spectra, spec_a, spec_b)]
-      delta2 = (eps / math.sqrt(3) * float(norm)) ** 2
+    delta2 = (eps / math.sqrt(3) * np.float64(norms)) ** 2  # (B,)
+    # Squared tails `tails[b, r] = sum_{i >= r} s_i^2` of the singular values of the 4 mode
+    # unfoldings, then of the pairs A and B, every kernel at once; and each tail's
+    # allowance for the rounding of float eigenvalues: each within 256 ulps of the
+    # largest (LAPACK's QR iteration, `eigvalsh_desc`, was measured at <= 60 in float32
+    # at n = 192), so a tail of `n` of them within `256 n ulp s_1^2`. A bound must stay
+    # valid.
+    tails, slack = [], []
+    for v in (*mode_spectra, spec_a, spec_b):
+      sq = np.float64(v) ** 2
+      tails.append(np.cumsum(sq[:, ::-1], axis=1)[:, ::-1])
+      slack.append(256 * sq.shape[1] * ulp * sq[:, 0])
 
-      def rank(k, tau2, spectra=spectra):
-        """Eps-rank of spectrum `k` at squared error `tau2`, loosened by the rounding
-        of the float eigenvalues: each within 256 ulps of the largest (LAPACK's QR
-        iteration, `eigvalsh_desc`, was measured at <= 60 in float32 at n = 192), so a
-        tail of `n` of them within `256 n ulp s_1^2`. A bound must stay valid."""
-        s = spectra[k]
-        return _eps_rank(s, math.sqrt(tau2 + 256 * s.size * ulp * s[0] ** 2))
+    def rank(k, tau2):
+      """Eps-ranks `(B,)` of spectrum `k` at squared errors `tau2` `(B,)` (>= 1)."""
+      return 1 + np.sum(tails[k][:, 1:] > (tau2 + slack[k])[:, None], axis=1)
 
-      for shift in range(4):
-        r = int(first_ranks[shift][b])
-        e0 = float(np.sum(spectra[shift][r:] ** 2))
-        # The error levels after the second and the third truncation (see _lower_bound).
-        tau2, tau3 = e0 + delta2, e0 + 2 * delta2
-        # Pair (shift, shift+1) is unfolding A for even shifts, B for odd ones.
-        pair_next, pair_after = (4, 5) if shift % 2 == 0 else (5, 4)
-        mode_next, mode_last = (shift + 1) % 4, (shift + 3) % 4
-        rho2 = (rank(mode_next, tau2), rank(pair_next, tau2))
-        rho3 = (rank(mode_last, tau3), rank(pair_after, tau3))
-        for r0, r1 in divisor_pairs(r):
-          self.lower[b, shift, r0, r1] = _lower_bound(self.dims(shift), r0, r1, rho2, rho3)
+    for shift in range(4):
+      r = np.asarray(first_ranks[shift])
+      e0 = np.append(tails[shift], np.zeros((self.n, 1)), axis=1)[np.arange(self.n), r]
+      # The error levels after the second and the third truncation (see _lower_bound).
+      tau2, tau3 = e0 + delta2, e0 + 2 * delta2
+      # Pair (shift, shift+1) is unfolding A for even shifts, B for odd ones.
+      pair_next, pair_after = (4, 5) if shift % 2 == 0 else (5, 4)
+      mode_next, mode_last = (shift + 1) % 4, (shift + 3) % 4
+      rho2 = np.stack([rank(mode_next, tau2), rank(pair_next, tau2)], axis=1).tolist()
+      rho3 = np.stack([rank(mode_last, tau3), rank(pair_after, tau3)], axis=1).tolist()
+      dims = self.dims(shift)
+      for b in range(self.n):
+        for r0, r1 in divisor_pairs(int(r[b])):
+          self.lower[b, shift, r0, r1] = _lower_bound(dims, r0, r1, rho2[b], rho3[b])
 
   def storage(self, c) -> int:
     return tr_storage(self.dims(c[1]), self.ranks[c])
@@ -251,10 +259,10 @@ class _Stack:
       by.setdefault((c[1], _pad(c[2]), _pad(c[3])), []).append(c)
     groups = tuple(sorted(by))
     members = [by[g] for g in groups]
-    items = tuple(
-      tuple(np.asarray([c[k] for c in m], np.int32) for k in (0, 2, 3)) for m in members
-    )
-    return groups, members, _evaluate(self.firsts, self.delta, items, groups, self.method, cores)
+    sizes = tuple(len(m) for m in members)
+    items = np.asarray([(c[0], c[2], c[3]) for m in members for c in m], np.int32).T
+    out = _evaluate(self.firsts, self.delta, items, groups, sizes, self.method, cores)
+    return groups, members, out
 
 
 def _rounds(stacks: list, eps: float) -> None:
