@@ -16,6 +16,12 @@ random He-normal weights, float32):
 - RSDTR at eps 0.3 and 0.5: ours `decomp.rsdtr_many`; peer the paper's loop
   (`benchmarks.paper_rsdtr`: shifts x splits, one float32 numpy SVD at a time).
 
+BLAS threads: numpy, TensorLy and jaxlib's CPU LAPACK kernels call OpenBLAS, whose
+threading of small problems costs more than it gains on few cores. `decomp.rsdtr` limits
+it to one thread itself (`decomp._blas`); the rest runs with OpenBLAS's default unless
+`--blas-threads N` limits everything (ours and the peers) to N. Rows record the peers'
+count (`blas_threads`).
+
 Times: our first call (compile + run) apart, then the median of `--repeats` runs; the
 peers' median of `--peer-repeats` runs. Errors: the network's relative error
 `sqrt(sum ||K - K^||^2 / sum ||K||^2)`. Rows go to the JSON lines file, device named.
@@ -131,10 +137,24 @@ def _time_host(fn, repeats):
   return 1e3 * float(np.median(times)), result
 
 
+def _blas_threads():
+  """Threads of the BLAS libraries loaded now (numpy's and scipy's OpenBLAS)."""
+  import threadpoolctl
+
+  counts = {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+  return counts.pop() if len(counts) == 1 else sorted(counts)
+
+
 def bench_net(net, args, device):
   kernels = _kernels(NETS[net]())
   rows = []
-  base = {"net": net, "kernels": len(kernels), "device": device, "jax": jax.__version__}
+  base = {
+    "net": net,
+    "kernels": len(kernels),
+    "device": device,
+    "jax": jax.__version__,
+    "blas_threads": _blas_threads(),
+  }
   dense = sum(k.size for k in kernels)
   for which, peer_fn, peer_name in (
     ("tucker2", tensorly_tucker2, "tensorly"),
@@ -231,6 +251,7 @@ def main():
   p.add_argument("--rsdtr-repeats", type=int, default=3)
   p.add_argument("--peer-repeats", type=int, default=3)
   p.add_argument("--paper-repeats", type=int, default=1)
+  p.add_argument("--blas-threads", type=int, default=0, help="0: OpenBLAS's default")
   p.add_argument("--out", default="results/decomp.jsonl")
   args = p.parse_args()
   args.methods = args.methods.split(",")
@@ -238,9 +259,20 @@ def main():
   args.eps = [float(e) for e in args.eps.split(",") if e]
   device = common.device_name()
   print(f"device: {device}, jax {jax.__version__}, XLA threads: {os.cpu_count()}", flush=True)
+  import contextlib
+
+  import scipy.linalg  # noqa: F401  (loads every BLAS the runs use, so that a limit covers it)
+  import threadpoolctl
+
+  limit = (
+    threadpoolctl.threadpool_limits(args.blas_threads, user_api="blas")
+    if args.blas_threads
+    else contextlib.nullcontext()
+  )
   rows = []
-  for net in args.nets.split(","):
-    rows += bench_net(net, args, device)
+  with limit:
+    for net in args.nets.split(","):
+      rows += bench_net(net, args, device)
   print(f"\nwrote {len(rows)} rows to {args.out}")
 
 

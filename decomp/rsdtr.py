@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp import _checks
+from decomp import _blas, _checks
 from decomp._linalg import tail_rank
 from decomp.factors import TR, num_params, reconstruct
 from decomp.train_ring import _spectrum, _tr_first, _tr_rest, _tr_rest_ranks, divisor_pairs
@@ -318,9 +318,10 @@ def _search(stacks_of_kernels: list, names: list, eps: float, method: str) -> li
   names kernel `b` of stack `i` in errors), all stacks in step: four transfers to the host
   in all (first ranks and spectra, the ranks of two rounds of candidates, the winners'
   cores)."""
-  stacks = [_Stack(k, n, eps, method) for k, n in zip(stacks_of_kernels, names, strict=True)]
-  _rounds(stacks, eps)
-  return _winners(stacks)
+  with _blas.single_threaded_blas():  # many small LAPACK calls: see decomp._blas
+    stacks = [_Stack(k, n, eps, method) for k, n in zip(stacks_of_kernels, names, strict=True)]
+    _rounds(stacks, eps)
+    return _winners(stacks)
 
 
 def rsdtr_stack(kernels, *, eps: float, method: str = "gram") -> list:

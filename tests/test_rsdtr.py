@@ -116,3 +116,29 @@ def test_pad_grid():
   assert pads == sorted(pads)
   assert all(p < 1.5 * n if n <= 24 else p - n <= 7 for n, p in enumerate(pads, 1))
   assert sorted(set(pads[:64])) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 56, 64]
+
+
+def test_search_runs_single_threaded_blas(monkeypatch):
+  """The search's LAPACK calls run with one BLAS thread (decomp._blas); the limit is
+  lifted afterwards."""
+  import importlib
+
+  import scipy.linalg  # noqa: F401  (loads the BLAS under jaxlib's LAPACK kernels)
+  import threadpoolctl
+
+  rsdtr_mod = importlib.import_module("decomp.rsdtr")
+
+  def blas_threads():
+    return {
+      i["filepath"]: i["num_threads"]
+      for i in threadpoolctl.threadpool_info()
+      if i["user_api"] == "blas"
+    }
+
+  before = blas_threads()
+  seen = []
+  rounds = rsdtr_mod._rounds
+  monkeypatch.setattr(rsdtr_mod, "_rounds", lambda *a: (seen.append(blas_threads()), rounds(*a)))
+  decomp.rsdtr(np.random.default_rng(0).standard_normal((3, 3, 4, 5)), eps=0.3)
+  assert seen and seen[0] and set(seen[0].values()) == {1}
+  assert blas_threads() == before
