@@ -21,6 +21,9 @@ CASES = [
   ("tnn_wrn28_10", "0.05,mtt"),
   ("section4", "resnet20,cpu"),
   ("section4", "resnet32"),
+  ("rsdtr_imagenet", "resnet18"),
+  ("rsdtr_imagenet", "resnet34,eps=0.5"),
+  ("rsdtr_imagenet", "resnet18,fmnist"),
 ]
 
 
@@ -36,7 +39,7 @@ def test_config_validates_and_plans(name, arg):
   c = mod.get_config(arg) if arg else mod.get_config()
   run_lib.validate(c)
   fmnist = c.dataset in ("fashion_mnist", "mnist")
-  classes = 100 if c.dataset == "cifar100" else 10
+  classes = {"cifar100": 100, "tfds:imagenet2012": 1000}.get(c.dataset, 10)
   build = tnn.models.MODELS[c.model]
   kw = dict(c.get("model_kwargs") or {})
   dense = nnx.eval_shape(
@@ -50,7 +53,9 @@ def test_config_validates_and_plans(name, arg):
     assert len(plan) > 0, m
     assert all(p in layers and lp.method == c[m].method for p, lp in plan), m
   if arg and "fmnist" in arg:
-    assert c.dataset == "fashion_mnist" and c.pad_to in (0, 32)
+    assert c.dataset == "fashion_mnist" and c.pad_to in (0, 32) and not c.image_size
+  if c.dataset == "tfds:imagenet2012":
+    assert (c.image_size, c.eval_split, c.augment.crop_pad) == (224, "validation", 0)
 
 
 def test_config_args_are_checked():
@@ -58,5 +63,9 @@ def test_config_args_are_checked():
 
   with pytest.raises(ValueError, match="allowed resnet20, resnet32, resnet56"):
     rsdtr_cifar10.get_config("resnet18")
+  from train.configs import rsdtr_imagenet
+
+  with pytest.raises(ValueError, match="allowed resnet18, resnet34"):
+    rsdtr_imagenet.get_config("resnet50")
   with pytest.raises(ValueError, match="allowed resnet20, resnet32"):
     section4.get_config("resnet56")

@@ -447,9 +447,24 @@ def test_bfloat16_compute_runs_the_convs_in_bfloat16():
 def test_global_batch_is_the_batch_sharded_over_the_devices():
   mesh = jax.make_mesh((2,), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  x = np.arange(8 * 3, dtype=np.uint8).reshape(8, 3)
-  g = trainer.global_batch(x, sharding)
-  np.testing.assert_array_equal(np.asarray(g), x)
+  split = data_lib.Split(np.arange(20 * 3, dtype=np.uint8).reshape(20, 3), np.arange(20))
+  idx = np.array([9, 2, 17, 4, 0, 11, 5, 8])
+  rows, x, _ = trainer.read_local(split, idx, sharding)
+  np.testing.assert_array_equal(rows, np.arange(8))  # one process holds both devices
+  g = trainer.global_batch(8, rows, x, sharding)
+  want = split.images[idx]
+  np.testing.assert_array_equal(np.asarray(g), want)
   assert g.sharding == sharding
   shards = sorted((s.index[0].start, np.asarray(s.data).tolist()) for s in g.addressable_shards)
-  assert shards == [(0, x[:4].tolist()), (4, x[4:].tolist())]
+  assert shards == [(0, want[:4].tolist()), (4, want[4:].tolist())]
+
+
+def test_global_batch_from_a_process_s_own_rows():
+  """A process that holds some rows of the batch fills its shards from those rows only."""
+  mesh = jax.make_mesh((2,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x = np.arange(8 * 2, dtype=np.int32).reshape(8, 2)
+  rows = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+  order = np.array([3, 0, 7, 1, 6, 2, 5, 4])  # rows handed over in any order
+  g = trainer.global_batch(8, rows[order], x[order], sharding)
+  np.testing.assert_array_equal(np.asarray(g), x)

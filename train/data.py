@@ -1,9 +1,15 @@
-"""Datasets as validated in-memory arrays, a deterministic batch order, device augmentation.
+"""Datasets, a deterministic batch order, device augmentation.
 
 Readers: IDX `.gz` (MNIST, Fashion-MNIST), the CIFAR-10/100 binary version (folder or
 tarball, no pickle), and any prepared tfds dataset (`tensorflow_datasets` imported only
 there). Every reader checks magic numbers, sizes, counts and label ranges, so a corrupt or
 truncated file is a `ValueError` naming the file, never a half-read dataset.
+
+A split is held in memory (`Split`) or, for data sets too large for that (ImageNet),
+read record by record when a batch asks for it (`Streamed`: a tfds data source, images
+decoded, cropped and resized on the host by a thread pool). Both answer `take(idx,
+aug_seed)` with `(images uint8 (k, H, W, C), labels int32 (k,))`, so the training loop
+reads only the rows of a batch that its process holds.
 
 The batch order is a pure function of `(seed, epoch, index)`: a checkpoint that stores the
 step therefore stores the data position, and a resumed run sees the same batches.
@@ -12,10 +18,12 @@ step therefore stores the data position, and a resumed run sees the same batches
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import tarfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -31,10 +39,23 @@ _EXPECTED = {"train": 60000, "test": 10000}
 
 
 class Split(NamedTuple):
-  """`images (N, H, W, C) uint8`, `labels (N,) int32`."""
+  """`images (N, H, W, C) uint8`, `labels (N,) int32`, in memory."""
 
   images: np.ndarray
   labels: np.ndarray
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.labels)
+
+  @property
+  def image_shape(self) -> tuple:
+    return tuple(self.images.shape[1:])
+
+  def take(self, idx, aug_seed=None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `idx` (an index array or a slice); `aug_seed` is for `Streamed`'s host crops."""
+    del aug_seed
+    return self.images[idx], self.labels[idx]
 
 
 class Dataset(NamedTuple):
@@ -196,46 +217,204 @@ def load_cifar(name: str, path: str) -> Dataset:
 # --- tfds -------------------------------------------------------------------------------
 
 
-def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
-  """A prepared tfds dataset with `image` and `label` features, via `tfds.data_source`
-  (no TensorFlow needed to read; preparing it needs TensorFlow)."""
+def _tfds_source(name: str, split: str, data_dir: str | None):
   try:
     import tensorflow_datasets as tfds  # lazy: optional at runtime
   except ImportError as e:
     raise ValueError(f"data: tfds:{name} needs tensorflow-datasets ({e}).") from None
-  splits, info = {}, None
-  for split in ("train", "test"):
-    try:
-      src = tfds.data_source(name, split=split, data_dir=data_dir)
-    except Exception as e:  # tfds raises its own types for missing/unprepared data
-      raise ValueError(
-        f"data: tfds:{name} ({split}) is not prepared under {data_dir or '~/tensorflow_datasets'}: "
-        f"{e}. Prepare it on a machine with TensorFlow: `tfds build {name}`."
-      ) from None
-    info = src.dataset_info
-    items = [src[i] for i in range(len(src))]
-    splits[split] = Split(
-      np.stack([it["image"] for it in items]).astype(np.uint8),
-      np.asarray([it["label"] for it in items], np.int32),
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises its own types for missing/unprepared data
+    raise ValueError(
+      f"data: tfds:{name} ({split}) is not prepared under {data_dir or '~/tensorflow_datasets'}: "
+      f"{e}. Prepare it on a machine with TensorFlow: `tfds build {name}`."
+    ) from None
+
+
+def _source_info(src, name: str) -> tuple[int, int]:
+  """`(num_classes, channels)` from a tfds source's features, checked."""
+  feats = src.dataset_info.features
+  if "image" not in feats or "label" not in feats:
+    raise ValueError(f"data: tfds:{name} has no `image` and `label` features ({list(feats)}).")
+  return int(feats["label"].num_classes), int(feats["image"].shape[-1])
+
+
+def _record(src, i: int, where: str, num_classes: int, channels: int):
+  """Example `i` of a tfds source as `(image (h, w, c) uint8, label)`, validated."""
+  try:
+    item = src[int(i)]
+  except Exception as e:  # a corrupt or truncated record file: tfds/array_record errors
+    raise ValueError(f"{where}[{i}]: unreadable record ({type(e).__name__}: {e}).") from None
+  image, label = np.asarray(item["image"]), int(item["label"])
+  if image.ndim != 3 or image.shape[-1] != channels or image.dtype != np.uint8 or not image.size:
+    raise ValueError(
+      f"{where}[{i}]: image {image.shape} {image.dtype}; expected (h, w, {channels}) uint8."
     )
-  n = info.features["label"].num_classes
+  if not 0 <= label < num_classes:
+    raise ValueError(f"{where}[{i}]: label {label} outside [0, {num_classes - 1}].")
+  return image, label
+
+
+def load_tfds(name: str, data_dir: str | None = None, eval_split: str = "test") -> Dataset:
+  """A prepared tfds dataset of same-size images (`image`, `label` features), in memory,
+  via `tfds.data_source` (no TensorFlow needed to read; preparing it needs TensorFlow)."""
+  splits = {}
+  for key, split in (("train", "train"), ("test", eval_split)):
+    src = _tfds_source(name, split, data_dir)
+    num_classes, channels = _source_info(src, name)
+    where = f"tfds:{name}/{split}"
+    items = [_record(src, i, where, num_classes, channels) for i in range(len(src))]
+    shapes = {im.shape for im, _ in items}
+    if len(shapes) > 1:
+      raise ValueError(
+        f"{where}: images of {len(shapes)} sizes; give image_size= to stream and resize them."
+      )
+    splits[key] = Split(
+      np.stack([im for im, _ in items]), np.asarray([lab for _, lab in items], np.int32)
+    )
   x = splits["train"].images[:10000].astype(np.float64) / 255
-  mean = tuple(x.mean(axis=(0, 1, 2)))
-  std = tuple(x.std(axis=(0, 1, 2)))
-  return Dataset(name, splits["train"], splits["test"], n, mean, std)
+  mean, std = tuple(x.mean(axis=(0, 1, 2))), tuple(x.std(axis=(0, 1, 2)))
+  return Dataset(name, splits["train"], splits["test"], num_classes, mean, std)
 
 
-def load(name: str, data_dir: str | None = None) -> Dataset:
+class Streamed:
+  """A split of a random-access source (a tfds data source), read when a batch asks.
+
+  Each record is decoded by tfds and brought to `size x size` on the host (PIL,
+  bilinear, one resize from a box of the decoded image): with an `aug_seed`, a random
+  crop covering 8-100% of the area with aspect ratio in [3/4, 4/3] (Szegedy et al. 2015,
+  the ImageNet training crop; the central crop if 10 draws do not fit), drawn from
+  `(aug_seed, example index)` so that it does not depend on which rows a process
+  reads (`area`, `aspect` set the ranges); without, the central square of `crop`
+  (0.875) of the shorter side, the "resize to 256, crop 224" of evaluation. Records are
+  read by `workers` threads (tfds decoding and PIL resizing release the GIL). A bad
+  record is a `ValueError` naming it.
+  """
+
+  def __init__(
+    self,
+    source,
+    *,
+    where: str,
+    size: int,
+    num_classes: int,
+    channels: int,
+    crop: float = 0.875,
+    area: tuple = (0.08, 1.0),
+    aspect: tuple = (3 / 4, 4 / 3),
+    workers: int | None = None,
+  ):
+    if size < 1:
+      raise ValueError(f"image_size must be >= 1, got {size}.")
+    if not 0 < crop <= 1:
+      raise ValueError(f"crop must be in (0, 1], got {crop}.")
+    if not 0 < area[0] <= area[1] <= 1:
+      raise ValueError(f"area must be (lo, hi) with 0 < lo <= hi <= 1, got {area}.")
+    if not 0 < aspect[0] <= aspect[1]:
+      raise ValueError(f"aspect must be (lo, hi) with 0 < lo <= hi, got {aspect}.")
+    self.source, self.where, self.size, self.crop = source, where, size, crop
+    self.area, self.aspect = area, aspect
+    self.num_classes, self.channels = num_classes, channels
+    self.workers = workers or min(32, os.cpu_count() or 1)
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.source)
+
+  @property
+  def image_shape(self) -> tuple:
+    return (self.size, self.size, self.channels)
+
+  def _box(self, h: int, w: int, i: int, aug_seed) -> tuple:
+    """The `(left, upper, right, lower)` box of example `i` to resize from."""
+    if aug_seed is not None:
+      rng = np.random.default_rng([*aug_seed, i])
+      for _ in range(10):
+        area = h * w * rng.uniform(*self.area)
+        aspect = math.exp(rng.uniform(math.log(self.aspect[0]), math.log(self.aspect[1])))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+          x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+          return (x0, y0, x0 + cw, y0 + ch)
+      side = min(h, w)
+    else:
+      side = max(1, round(self.crop * min(h, w)))
+    x0, y0 = (w - side) // 2, (h - side) // 2
+    return (x0, y0, x0 + side, y0 + side)
+
+  def _one(self, i: int, aug_seed) -> tuple[np.ndarray, int]:
+    from PIL import Image  # matplotlib's dependency; imported where images are resized
+
+    image, label = _record(self.source, i, self.where, self.num_classes, self.channels)
+    h, w = image.shape[:2]
+    pil = Image.fromarray(image[..., 0] if self.channels == 1 else image)
+    out = pil.resize(
+      (self.size, self.size), Image.Resampling.BILINEAR, box=self._box(h, w, i, aug_seed)
+    )
+    return np.asarray(out, np.uint8).reshape(self.image_shape), label
+
+  def take(self, idx, aug_seed=None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `idx` (an index array or a slice), cropped for training if `aug_seed`."""
+    rows = np.arange(self.num_examples)[idx]
+    if self.workers > 1 and len(rows) > 1:
+      with ThreadPoolExecutor(self.workers) as pool:
+        got = list(pool.map(lambda i: self._one(int(i), aug_seed), rows))
+    else:
+      got = [self._one(int(i), aug_seed) for i in rows]
+    images = np.stack([g[0] for g in got]) if got else np.zeros((0, *self.image_shape), np.uint8)
+    return images, np.asarray([g[1] for g in got], np.int32)
+
+
+def stream_tfds(
+  name: str,
+  data_dir: str | None = None,
+  *,
+  image_size: int,
+  eval_split: str = "test",
+  stats_examples: int = 1000,
+  workers: int | None = None,
+) -> Dataset:
+  """A prepared tfds dataset as two `Streamed` splits of `image_size` square images.
+
+  Mean and std per channel are estimated from the first `stats_examples` training
+  images (central crops)."""
+  splits = {}
+  for key, split in (("train", "train"), ("test", eval_split)):
+    src = _tfds_source(name, split, data_dir)
+    num_classes, channels = _source_info(src, name)
+    splits[key] = Streamed(
+      src,
+      where=f"tfds:{name}/{split}",
+      size=image_size,
+      num_classes=num_classes,
+      channels=channels,
+      workers=workers,
+    )
+  x, _ = splits["train"].take(slice(0, stats_examples))
+  x = x.astype(np.float64) / 255
+  mean, std = tuple(x.mean(axis=(0, 1, 2))), tuple(x.std(axis=(0, 1, 2)))
+  return Dataset(name, splits["train"], splits["test"], num_classes, mean, std)
+
+
+def load(
+  name: str, data_dir: str | None = None, *, image_size: int = 0, eval_split: str = "test"
+) -> Dataset:
   """`fashion_mnist`, `mnist`, `cifar10`, `cifar100` (binary; `data_dir` is the folder or
-  tarball), or `tfds:<name>`."""
+  tarball), or `tfds:<name>`: in memory, or with `image_size > 0` streamed and resized
+  to `image_size` square (`Streamed`; ImageNet). `eval_split` names the tfds split
+  evaluated (ImageNet: `validation`)."""
+  if name.startswith("tfds:"):
+    if image_size:
+      return stream_tfds(name[5:], data_dir, image_size=image_size, eval_split=eval_split)
+    return load_tfds(name[5:], data_dir, eval_split)
+  if image_size:
+    raise ValueError(f"data: image_size={image_size} is for tfds:<name> data sets; got {name!r}.")
   if name in ("fashion_mnist", "mnist"):
     return load_idx(name, data_dir)
   if name in _CIFAR:
     if not data_dir:
       raise ValueError(f"data: {name} needs data_dir= (the CIFAR binary folder or tarball).")
     return load_cifar(name, data_dir)
-  if name.startswith("tfds:"):
-    return load_tfds(name[5:], data_dir)
   raise ValueError(
     f"data: unknown dataset {name!r}; allowed fashion_mnist, mnist, cifar10, cifar100, tfds:<name>."
   )

@@ -156,11 +156,19 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
   """Runs `config` in `workdir` (resuming what is there); returns the results rows."""
   validate(config)
   os.makedirs(workdir, exist_ok=True)
-  ds = dataset if dataset is not None else data_lib.load(config.dataset, config.get("data_dir"))
+  ds = dataset
+  if ds is None:
+    ds = data_lib.load(
+      config.dataset,
+      config.get("data_dir"),
+      image_size=config.get("image_size", 0),
+      eval_split=config.get("eval_split", "test"),
+    )
+  image_shape = ds.train.image_shape
   in_shape = (
     1,
-    *((config.pad_to,) * 2 if config.get("pad_to") else ds.train.images.shape[1:3]),
-    ds.train.images.shape[3],
+    *((config.pad_to,) * 2 if config.get("pad_to") else image_shape[:2]),
+    image_shape[2],
   )
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=1))
@@ -206,7 +214,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
   t0 = time.time()
   kwargs = dict(config.get("model_kwargs") or {})
   dense = tnn.models.MODELS[config.model](
-    ds.num_classes, rngs=nnx.Rngs(config.seed), in_channels=ds.train.images.shape[3], **kwargs
+    ds.num_classes, rngs=nnx.Rngs(config.seed), in_channels=image_shape[2], **kwargs
   )
   check_plans(config, dense)
   dense = trainer.run_phase(
@@ -309,9 +317,9 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
 
 def _estimate_sd(config, ds, dense, groups, c):
   """DeepTwist SD for `dense` under the planned distortion (`train.sd_rule`), logged."""
-  n = len(ds.train.labels)
+  n = ds.train.num_examples
   batches = [
-    (jnp.asarray(ds.train.images[i]), jnp.asarray(ds.train.labels[i]))
+    tuple(jnp.asarray(a) for a in ds.train.take(i))
     for i in (
       data_lib.batch_indices(n, config.batch_size, config.seed + 2, b)
       for b in range(c.get("sd_batches", 4))

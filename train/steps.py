@@ -118,11 +118,9 @@ def _prepare(cfg: StepConfig, images, key, train: bool):
 
 
 def _cross_entropy(logits, labels, num_classes, smoothing):
-  onehot = (
-    optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-    if smoothing
-    else (jax.nn.one_hot(labels, num_classes))
-  )
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # float32 under x64 too
+  if smoothing:
+    onehot = optax.smooth_labels(onehot, smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot).mean()
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -86,11 +87,30 @@ def _mesh():
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
-def global_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """The global batch `x` (every process computes the same indices) as one array sharded
-  over all devices; each process fills only its own devices' slices, so this works
-  unchanged on one host and on many (`jax.distributed`)."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+def local_rows(n: int, sharding: NamedSharding) -> np.ndarray:
+  """The rows of an `n`-row batch sharded by `sharding` that this process's devices hold."""
+  index_map = sharding.addressable_devices_indices_map((n,))
+  rows = np.arange(n)
+  return np.unique(np.concatenate([rows[ix[0]] for ix in index_map.values()]))
+
+
+def read_local(split, idx: np.ndarray, sharding: NamedSharding, aug_seed=None):
+  """This process's rows of the batch `idx` of `split`: `(rows, images, labels)`. Every
+  process computes the same `idx`; each reads only its own rows."""
+  rows = local_rows(len(idx), sharding)
+  images, labels = split.take(idx[rows], aug_seed)
+  return rows, images, labels
+
+
+def global_batch(n: int, rows: np.ndarray, x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """The `n`-row global batch, sharded over all devices, of which this process holds rows
+  `rows` (`x`, in that order); works unchanged on one host and on many (`jax.distributed`)."""
+  where = np.full(n, -1)
+  where[rows] = np.arange(len(rows))
+  all_rows = np.arange(n)
+  return jax.make_array_from_callback(
+    (n, *x.shape[1:]), sharding, lambda index: x[where[all_rows[index[0]]]]
+  )
 
 
 def check_batch(batch_size: int) -> None:
@@ -114,17 +134,11 @@ def evaluate(
   step = _EVAL_STEPS.get((graphdef, cfg))
   if step is None:
     step = _EVAL_STEPS[(graphdef, cfg)] = steps_lib.make_eval_step(graphdef, cfg)
-  correct = 0
-  for i in range(0, len(split.labels), batch):
-    correct += int(
-      step(
-        params,
-        rest,
-        jnp.asarray(split.images[i : i + batch]),
-        jnp.asarray(split.labels[i : i + batch]),
-      )
-    )
-  return correct / len(split.labels)
+  correct, n = 0, split.num_examples
+  for i in range(0, n, batch):
+    images, labels = split.take(slice(i, i + batch))
+    correct += int(step(params, rest, jnp.asarray(images), jnp.asarray(labels)))
+  return correct / n
 
 
 def recalibrate_bn(
@@ -145,11 +159,11 @@ def recalibrate_bn(
     raise ValueError(f"batches must be >= 1, got {batches}.")
   graphdef, params, rest = steps_lib.split_model(model)
   step = steps_lib.make_recalibrate_step(graphdef, cfg)
-  n = len(split.labels)
+  n = split.num_examples
   acc = None
   for b in range(batches):
     idx = data_lib.batch_indices(n, batch_size, seed + 1, b)
-    new = step(params, rest, jnp.asarray(split.images[idx]))
+    new = step(params, rest, jnp.asarray(split.take(idx)[0]))
     acc = new if acc is None else jax.tree.map(jnp.add, acc, new)
   avg = jax.tree.map(
     lambda a, r: (a / batches).astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r,
@@ -210,17 +224,27 @@ def run_phase(
     tg, tp, tr = steps_lib.split_model(teacher)
     t_args = (tg, jax.device_put(tp, replicated), jax.device_put(tr, replicated))
   logger = Logger(os.path.join(workdir, "metrics.jsonl"), name, steps)
-  n = len(dataset.train.labels)
+  n = dataset.train.num_examples
   start = int(state.step)
   t0, seen = time.time(), 0
+
+  def read(s):  # batch `s` of this process, read on the host (a pure function of s)
+    idx = data_lib.batch_indices(n, batch_size, seed, s)
+    return read_local(dataset.train, idx, sharded, (seed, s))
+
+  # The next batch is read while the device runs this one (one reader thread).
+  reader = ThreadPoolExecutor(1)
+  ahead = reader.submit(read, start) if start < steps else None
   try:
     for s in range(start, steps):
       if stop_after is not None and s - start >= stop_after:
         return nnx.merge(graphdef, state.params, state.rest)
-      idx = data_lib.batch_indices(n, batch_size, seed, s)
+      rows, images, labels = ahead.result()
+      if s + 1 < steps:
+        ahead = reader.submit(read, s + 1)
       batch = (
-        global_batch(dataset.train.images[idx], sharded),
-        global_batch(dataset.train.labels[idx], sharded),
+        global_batch(batch_size, rows, images, sharded),
+        global_batch(batch_size, rows, labels, sharded),
       )
       state, metrics = step_fn(state, batch, t_args) if t_args else step_fn(state, batch)
       seen += batch_size
@@ -238,6 +262,7 @@ def run_phase(
         mngr.save(done, args=ocp.args.StandardSave(jax.tree.leaves(state)))
     mngr.wait_until_finished()
   finally:
+    reader.shutdown(cancel_futures=True)
     mngr.close()
     logger.close()
   return nnx.merge(graphdef, state.params, state.rest)

@@ -18,7 +18,13 @@ import math
 import ml_collections
 
 # training-set sizes (images) per data set, for epoch <-> step conversion
-TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "fashion_mnist": 60000, "mnist": 60000}
+TRAIN_SIZE = {
+  "cifar10": 50000,
+  "cifar100": 50000,
+  "fashion_mnist": 60000,
+  "mnist": 60000,
+  "tfds:imagenet2012": 1281167,
+}
 
 
 def tokens(arg: str | None) -> list[str]:
@@ -36,6 +42,8 @@ def base(dataset: str, model: str, *, batch_size: int = 128) -> ml_collections.C
   c = ml_collections.ConfigDict()
   c.dataset = dataset
   c.data_dir = ""  # CIFAR: the binary folder or tarball; Fashion-MNIST: Debian's folder
+  c.image_size = 0  # > 0: stream a tfds data set, images cropped to this square on the host
+  c.eval_split = "test"  # the tfds split evaluated (ImageNet: validation)
   c.model = model
   c.model_kwargs = ml_collections.ConfigDict()
   c.pad_to = 0
@@ -54,8 +62,19 @@ def to_fashion(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The Fashion-MNIST version of a CIFAR config (same model, padded to 32x32, no flip)."""
   c.dataset = "fashion_mnist"
   c.data_dir = ""
+  c.image_size, c.eval_split = 0, "test"
   c.pad_to = 32
   c.augment = ml_collections.ConfigDict(dict(crop_pad=2, flip=False))
+  return c
+
+
+def imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """ImageNet (ILSVRC 2012) through tfds, streamed: Inception crops to 224 on the host
+  and a device flip for training, central crops of `validation` for evaluation."""
+  c.dataset = "tfds:imagenet2012"
+  c.image_size, c.eval_split = 224, "validation"
+  c.pad_to = 0
+  c.augment = ml_collections.ConfigDict(dict(crop_pad=0, flip=True))
   return c
 
 
