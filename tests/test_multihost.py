@@ -26,12 +26,13 @@ SCRIPT = """
 import sys, jax
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 mode, workdir = sys.argv[1], sys.argv[2]
-if mode != "single":
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(f"localhost:{{sys.argv[3]}}", num_processes=2, process_id=int(mode))
 sys.path.insert(0, {repo!r})
 from tests.test_train import _config
 from train import data, run
+if mode != "single":  # what `python -m train --jax_distributed` does, with explicit cluster
+  run.initialize_distributed(
+    coordinator_address=f"localhost:{{sys.argv[3]}}", num_processes=2, process_id=int(mode)
+  )
 
 rows_read = set()
 take = data.Split.take

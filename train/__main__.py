@@ -21,9 +21,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if _DISTRIBUTED.value:
-    import jax
-
-    jax.distributed.initialize()
+    run_lib.initialize_distributed()
   config = _CONFIG.value
   if not config.get("data_dir"):
     config.data_dir = None

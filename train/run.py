@@ -52,6 +52,15 @@ METHODS = ("dense", "deeptwist", "finetune", "seqkd", "e2ekd", "scratch")
 SD_RULES = ("", "quadratic")
 
 
+def initialize_distributed(**kwargs) -> None:
+  """`jax.distributed.initialize(**kwargs)` (no arguments: the cluster from the
+  environment), with gloo for collectives between CPU devices of different processes (it
+  affects only the CPU client; GPU and TPU collectives are their own). Call it before any
+  other jax work."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
 def method_kind(config, name: str) -> str:
   """The method an entry of `config.methods` runs: its name, or its section's `kind`."""
   sub = config.get(name)
