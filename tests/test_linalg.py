@@ -97,3 +97,19 @@ def test_eigvalsh_desc_nan_in_nan_out():
   g = np.eye(4)
   g[1, 2] = g[2, 1] = np.nan
   assert np.isnan(np.asarray(eigvalsh_desc(jnp.asarray(g)))).any()
+
+
+def test_eigvalsh_desc_lowers_to_the_gpu_solver_for_gpus():
+  """Lowered for CUDA (cross-platform export, no GPU needed), the CPU LAPACK kernel is
+  not in the program: `platform_dependent` picks the branch at lowering time."""
+  import re
+
+  import jax
+  from jax import export
+
+  x = jax.ShapeDtypeStruct((3, 6, 6), jnp.float32)
+  calls = {}
+  for platform in ("cuda", "cpu"):
+    text = export.export(jax.jit(eigvalsh_desc), platforms=(platform,))(x).mlir_module()
+    calls[platform] = set(re.findall(r"custom_call @(\w+)", text))
+  assert calls == {"cuda": {"cusolver_syevd_ffi"}, "cpu": {"lapack_ssyevd_ffi"}}
