@@ -1,7 +1,9 @@
 """Multi-host data parallelism, for real: two processes joined by `jax.distributed` (one
-CPU device each, gloo collectives) train to the same parameters as one process with two
-devices, each process reading only its half of every batch."""
+CPU device each, gloo collectives) train to the same parameters and evaluate to the same
+accuracy as one process with two devices, each process reading only its half of every
+batch."""
 
+import json
 import os
 import socket
 import subprocess
@@ -34,17 +36,17 @@ if mode != "single":  # what `python -m train --jax_distributed` does, with expl
     coordinator_address=f"localhost:{{sys.argv[3]}}", num_processes=2, process_id=int(mode)
   )
 
-rows_read = set()
+rows_read, eval_rows = set(), set()
 take = data.Split.take
 def counting_take(self, idx, aug_seed=None):
-  if aug_seed is not None:  # training batches (evaluation reads without)
-    rows_read.add(len(idx))
+  # training batches carry an augmentation seed, evaluation batches do not
+  (rows_read if aug_seed is not None else eval_rows).add(len(idx))
   return take(self, idx, aug_seed)
 data.Split.take = counting_take
 c = _config(("dense",), steps={steps})
 c.checkpoint_every = 4
 run.run(c, workdir, data.synthetic())
-print("ROWS_READ", jax.process_index(), sorted(rows_read))
+print("ROWS_READ", jax.process_index(), sorted(rows_read), sorted(eval_rows))
 """
 
 
@@ -87,10 +89,12 @@ def test_two_processes_train_like_one_with_two_devices(tmp_path):
   outs = [p.communicate(timeout=300) for p in (single, *pair)]
   for p, (_, err) in zip((single, *pair), outs, strict=True):
     assert p.returncode == 0, err[-3000:]
-  # Each process of the pair read its half of every 32-image training batch; one process
-  # with two devices read all of it.
-  assert "ROWS_READ 0 [32]" in outs[0][0]
-  assert "ROWS_READ 0 [16]" in outs[1][0] and "ROWS_READ 1 [16]" in outs[2][0]
+  # Each process of the pair read its half of every 32-image training batch and of the
+  # 256-image test set; one process with two devices read all of them.
+  assert "ROWS_READ 0 [32] [256]" in outs[0][0]
+  assert "ROWS_READ 0 [16] [128]" in outs[1][0] and "ROWS_READ 1 [16] [128]" in outs[2][0]
+  acc = [json.loads((tmp_path / w / "results.json").read_text())[0] for w in ("one", "two")]
+  assert acc[0]["test_accuracy"] == acc[1]["test_accuracy"] > 0.5
   s1, a = _final_state(str(tmp_path / "one"))
   s2, b = _final_state(str(tmp_path / "two"))
   assert s1 == s2 == STEPS

@@ -468,3 +468,26 @@ def test_global_batch_from_a_process_s_own_rows():
   order = np.array([3, 0, 7, 1, 6, 2, 5, 4])  # rows handed over in any order
   g = trainer.global_batch(8, rows[order], x[order], sharding)
   np.testing.assert_array_equal(np.asarray(g), x)
+
+
+def test_evaluate_counts_every_row_once_over_the_devices():
+  """Sharded evaluation (2 devices) with a split and batch that do not divide: the padded
+  rows never count, every real row counts once (reference: one unsharded forward)."""
+  from flax import nnx
+
+  import tnn
+
+  ds = data_lib.synthetic(n_train=64, n_test=37)
+  model = tnn.models.cnn(4, rngs=nnx.Rngs(1), in_channels=1, widths=(4, 8, 8))
+  cfg = steps_lib.StepConfig(num_classes=4, mean=ds.mean, std=ds.std)
+  g, p, r = steps_lib.split_model(model)
+  model.eval()
+  logits = model(data_lib.normalize(jnp.asarray(ds.test.images), ds.mean, ds.std))
+  want = float(np.mean(np.argmax(np.asarray(logits), -1) == ds.test.labels))
+  assert 0 < want < 1
+  for batch in (5, 10, 37, 1000):
+    assert trainer.evaluate(g, p, r, ds.test, cfg, batch=batch) == want
+  right = np.flatnonzero(np.argmax(np.asarray(logits), -1) == ds.test.labels)
+  right = right[: len(right) - 1 + len(right) % 2]  # an odd count: the last batch is padded
+  split = data_lib.Split(ds.test.images[right], ds.test.labels[right])
+  assert trainer.evaluate(g, p, r, split, cfg, batch=4) == 1.0  # padding would exceed 1

@@ -127,17 +127,29 @@ _EVAL_STEPS: dict = {}
 def evaluate(
   graphdef, params, rest, split: data_lib.Split, cfg: steps_lib.StepConfig, batch: int = 1000
 ) -> float:
-  """Accuracy over a whole split (the last partial batch included).
+  """Accuracy over a whole split (the last partial batch included), data parallel: each
+  batch is sharded over all devices and each process reads only its rows. A batch that
+  does not divide over the devices is padded with rows whose label (-1) never counts.
 
   The jitted eval step is kept per (graph, config), so evaluating the same architecture
   again does not compile again."""
   step = _EVAL_STEPS.get((graphdef, cfg))
   if step is None:
     step = _EVAL_STEPS[(graphdef, cfg)] = steps_lib.make_eval_step(graphdef, cfg)
+  mesh = _mesh()
+  sharded = NamedSharding(mesh, P("data"))
+  params, rest = jax.device_put((params, rest), NamedSharding(mesh, P()))
+  devices = jax.device_count()
+  batch = -(-batch // devices) * devices
   correct, n = 0, split.num_examples
   for i in range(0, n, batch):
-    images, labels = split.take(slice(i, i + batch))
-    correct += int(step(params, rest, jnp.asarray(images), jnp.asarray(labels)))
+    idx = np.arange(i, min(i + batch, n))
+    full = np.concatenate([idx, np.full(-len(idx) % devices, idx[-1])])
+    rows, images, labels = read_local(split, full, sharded)
+    labels = np.where(rows < len(idx), labels, -1).astype(np.int32)
+    k = len(full)
+    x, y = global_batch(k, rows, images, sharded), global_batch(k, rows, labels, sharded)
+    correct += int(step(params, rest, x, y))
   return correct / n
 
 
