@@ -52,8 +52,13 @@ def eigvalsh_desc(g: jax.Array) -> jax.Array:
   on a 2-core CPU. Its eigenvalues are less accurate than divide and conquer's (float32,
   n = 192: within 60 ulps of the largest against 3), which is ample for eps-ranks.
   Other platforms use `jnp.linalg.eigvalsh`. The choice is made when lowering
-  (`lax.platform_dependent`), so the CPU kernel is never lowered for a GPU.
+  (`lax.platform_dependent`), so the CPU kernel is never lowered for a GPU. Where the
+  default backend is not the CPU (a GPU machine), the CPU branch is not even traced:
+  tracing it touches jaxlib's LAPACK registration, which that machine's programs do not
+  need (a program placed on its CPU then uses `jnp.linalg.eigvalsh` there too).
   """
+  if jax.default_backend() != "cpu":
+    return jnp.linalg.eigvalsh(g)[..., ::-1]
   return jax.lax.platform_dependent(
     g, cpu=_lapack_eigvalsh, default=lambda g: jnp.linalg.eigvalsh(g)
   )[..., ::-1]
