@@ -172,3 +172,27 @@ def _train(split, where, ds, cfg, tmp_path):
   kw = dict(cfg=cfg, opt=dict(lr=0.05, momentum=0.9), steps=6, batch_size=16, seed=1)
   trained = trainer.run_phase(where, str(tmp_path / where), model, dset, **kw)
   return jax.tree.leaves(nnx.state(trained, nnx.Param))
+
+
+def test_a_run_streams_a_tfds_dataset(tmp_path):
+  """`run.run` with `dataset=tfds:...` and `image_size`: the streamed loader, the
+  model's input shape from it, training and evaluation on `eval_split`."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import json
+
+  from tests.test_train import _config
+  from train import run as run_lib
+
+  c = _config(("dense",), steps=3)
+  c.dataset, c.image_size, c.eval_split, c.batch_size = "tfds:imagenet2012", 16, "validation", 8
+  with tfds.testing.mock_data(num_examples=20), jax.numpy_dtype_promotion("standard"):
+    rows = run_lib.run(c, str(tmp_path))
+  (row,) = json.loads((tmp_path / "results.json").read_text())
+  assert row == rows[0] and row["method"] == "dense"
+  from flax import nnx
+
+  import tnn
+
+  want = tnn.models.cnn(1000, rngs=nnx.Rngs(0), in_channels=3, widths=(4, 8, 8))
+  assert row["params"] == tnn.report(want, (1, 16, 16, 3))["params"]
+  assert row["test_accuracy"] * 20 == round(row["test_accuracy"] * 20)  # 20 images

@@ -316,6 +316,7 @@ class Streamed:
     self.area, self.aspect = area, aspect
     self.num_classes, self.channels = num_classes, channels
     self.workers = workers or min(32, os.cpu_count() or 1)
+    self._pool = None
 
   @property
   def num_examples(self) -> int:
@@ -357,8 +358,9 @@ class Streamed:
     """Rows `idx` (an index array or a slice), cropped for training if `aug_seed`."""
     rows = np.arange(self.num_examples)[idx]
     if self.workers > 1 and len(rows) > 1:
-      with ThreadPoolExecutor(self.workers) as pool:
-        got = list(pool.map(lambda i: self._one(int(i), aug_seed), rows))
+      if self._pool is None:  # made once, on first use; its threads idle between batches
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tensorial-read")
+      got = list(self._pool.map(lambda i: self._one(int(i), aug_seed), rows))
     else:
       got = [self._one(int(i), aug_seed) for i in rows]
     images = np.stack([g[0] for g in got]) if got else np.zeros((0, *self.image_shape), np.uint8)
