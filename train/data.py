@@ -24,7 +24,7 @@ import struct
 import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,18 @@ _IDX_FILES = {
   "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _EXPECTED = {"train": 60000, "test": 10000}
+
+
+class SplitLike(Protocol):
+  """What training and evaluation read from a split: `Split` (in memory) and `Streamed`."""
+
+  @property
+  def num_examples(self) -> int: ...
+
+  @property
+  def image_shape(self) -> tuple: ...
+
+  def take(self, idx, aug_seed=None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class Split(NamedTuple):
@@ -60,8 +72,8 @@ class Split(NamedTuple):
 
 class Dataset(NamedTuple):
   name: str
-  train: Split
-  test: Split
+  train: SplitLike
+  test: SplitLike
   num_classes: int
   mean: tuple
   std: tuple

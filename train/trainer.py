@@ -94,7 +94,7 @@ def local_rows(n: int, sharding: NamedSharding) -> np.ndarray:
   return np.unique(np.concatenate([rows[ix[0]] for ix in index_map.values()]))
 
 
-def read_local(split, idx: np.ndarray, sharding: NamedSharding, aug_seed=None):
+def read_local(split: data_lib.SplitLike, idx: np.ndarray, sharding: NamedSharding, aug_seed=None):
   """This process's rows of the batch `idx` of `split`: `(rows, images, labels)`. Every
   process computes the same `idx`; each reads only its own rows."""
   rows = local_rows(len(idx), sharding)
@@ -125,7 +125,7 @@ _EVAL_STEPS: dict = {}
 
 
 def evaluate(
-  graphdef, params, rest, split: data_lib.Split, cfg: steps_lib.StepConfig, batch: int = 1000
+  graphdef, params, rest, split: data_lib.SplitLike, cfg: steps_lib.StepConfig, batch: int = 1000
 ) -> float:
   """Accuracy over a whole split (the last partial batch included), data parallel: each
   batch is sharded over all devices and each process reads only its rows. A batch that
@@ -155,7 +155,7 @@ def evaluate(
 
 def recalibrate_bn(
   model: nnx.Module,
-  split: data_lib.Split,
+  split: data_lib.SplitLike,
   cfg: steps_lib.StepConfig,
   *,
   batches: int,
