@@ -233,7 +233,7 @@ def _spectrum(m: jax.Array, method: str, with_rest: bool):
     return jnp.sqrt(jnp.maximum(lam, 0)), mm(w.T, m)
   lam, v = eigh_desc(g)
   s = jnp.sqrt(jnp.maximum(lam, 0))
-  return s, (s[:, None] * v.T if with_rest else None)
+  return s, s[:, None] * v.T
 
 
 _tr_rest_jit = jax.jit(_tr_rest, static_argnames=("p0", "p1", "method"))

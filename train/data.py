@@ -267,6 +267,12 @@ def _record(src, i: int, where: str, num_classes: int, channels: int):
   return image, label
 
 
+def _channel_stats(images: np.ndarray) -> tuple[tuple, tuple]:
+  """Per-channel mean and std of uint8 `images` `(N, H, W, C)`, on the [0, 1] scale."""
+  x = images.astype(np.float64) / 255
+  return tuple(x.mean(axis=(0, 1, 2))), tuple(x.std(axis=(0, 1, 2)))
+
+
 def load_tfds(name: str, data_dir: str | None = None, eval_split: str = "test") -> Dataset:
   """A prepared tfds dataset of same-size images (`image`, `label` features), in memory,
   via `tfds.data_source` (no TensorFlow needed to read; preparing it needs TensorFlow)."""
@@ -284,8 +290,7 @@ def load_tfds(name: str, data_dir: str | None = None, eval_split: str = "test") 
     splits[key] = Split(
       np.stack([im for im, _ in items]), np.asarray([lab for _, lab in items], np.int32)
     )
-  x = splits["train"].images[:10000].astype(np.float64) / 255
-  mean, std = tuple(x.mean(axis=(0, 1, 2))), tuple(x.std(axis=(0, 1, 2)))
+  mean, std = _channel_stats(splits["train"].images[:10000])
   return Dataset(name, splits["train"], splits["test"], num_classes, mean, std)
 
 
@@ -405,8 +410,7 @@ def stream_tfds(
       workers=workers,
     )
   x, _ = splits["train"].take(slice(0, stats_examples))
-  x = x.astype(np.float64) / 255
-  mean, std = tuple(x.mean(axis=(0, 1, 2))), tuple(x.std(axis=(0, 1, 2)))
+  mean, std = _channel_stats(x)
   return Dataset(name, splits["train"], splits["test"], num_classes, mean, std)
 
 

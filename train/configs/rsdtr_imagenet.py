@@ -31,7 +31,7 @@ def get_config(arg=None):
   if model not in ("resnet18", "resnet34"):
     raise ValueError(f"config arg: model {model!r}; allowed resnet18, resnet34.")
   eps = float(next((x[4:] for x in t if x.startswith("eps=")), 0.3))
-  c = common.imagenet(common.base("cifar10", model, batch_size=256))
+  c = common.imagenet(common.base("tfds:imagenet2012", model, batch_size=256))
   if "fmnist" in t:
     common.to_fashion(c)
     c.batch_size = 128
