@@ -1,7 +1,6 @@
 """Streamed splits (`train.data.Streamed`): tfds data sources read a batch at a time,
 cropped and resized on the host, validated, independent of which rows a process reads."""
 
-import math
 import types
 
 import jax
@@ -136,9 +135,19 @@ def test_tfds_data_source_streams(monkeypatch):
     x, y = ds.train.take(np.array([5, 0]), (0, 1))
     assert x.shape == (2, 24, 24, 3) and x.dtype == np.uint8 and y.dtype == np.int32
     assert all(0 <= v < 1000 for v in y)
-    raw = np.asarray(ds.train.source[0]["image"], np.float64) / 255
-    assert len(ds.mean) == 3 and all(0 < m < 1 for m in ds.mean)
-    assert not math.isclose(ds.mean[0], raw[..., 0].mean())  # 6 images, not the first one
+    # The stats: float64 mean and std over the 6 records' central crops, each crop's box
+    # written out here from its definition (0.875 of the shorter side, centred).
+    crops = []
+    for i in range(6):
+      im = np.asarray(ds.train.source[i]["image"])
+      h, w = im.shape[:2]
+      side = max(1, round(0.875 * min(h, w)))
+      box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+      crop = Image.fromarray(im).resize((24, 24), Image.Resampling.BILINEAR, box=box)
+      crops.append(np.asarray(crop, np.float64) / 255)
+    crops = np.stack(crops)
+    np.testing.assert_allclose(ds.mean, crops.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(ds.std, crops.std(axis=(0, 1, 2)), rtol=1e-12)
   with pytest.raises(ValueError, match="image_size=24 is for tfds"):
     data_lib.load("fashion_mnist", image_size=24)
 
