@@ -41,3 +41,14 @@ def avoid_cpu_runtime_hang() -> bool:
 
 
 IN_EFFECT = avoid_cpu_runtime_hang()
+
+FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
+"""`jax.jit` compiler options of the RSDTR search's programs: XLA's CPU backend compiles
+their fusions with its classic LLVM IR emitters instead of the MLIR fusion emitters.
+
+The search compiles dozens of small programs (one per kernel shape and round, each a few
+eigendecompositions around small fusions), and the fusion emitters' compile time
+dominates them: the first whole-ResNet-32 search at eps 0.3 spent 14-16 s in XLA's
+backend compiler instead of 23-26 s on a 2-core CPU (jax 0.10.2), at the same run time
+(110-118 ms against 119-152). Set per program, so the user's own programs are left
+alone; other backends ignore `xla_cpu_*` options, and jax rejects a misspelt name."""

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp import _blas, _checks
+from decomp import _blas, _checks, _xla_cpu
 from decomp._linalg import tail_rank
 from decomp.factors import TR, num_params, reconstruct
 from decomp.train_ring import _spectrum, _tr_first, _tr_rest, _tr_rest_ranks, divisor_pairs
@@ -105,7 +105,7 @@ def _shift_axes(shift: int) -> tuple:
   return (0, *(1 + (shift + k) % 4 for k in range(4)))
 
 
-@functools.partial(jax.jit, static_argnames=("method",))
+@functools.partial(jax.jit, static_argnames=("method",), compiler_options=_xla_cpu.FAST_COMPILE)
 def _first_steps(kernels, eps, method):
   """Everything the search starts from, for a stack of kernels `(B, d_h, d_w, S, T)`.
 
@@ -137,7 +137,11 @@ def _first_steps(kernels, eps, method):
   return tuple(firsts), delta, info
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "sizes", "method", "cores"))
+@functools.partial(
+  jax.jit,
+  static_argnames=("groups", "sizes", "method", "cores"),
+  compiler_options=_xla_cpu.FAST_COMPILE,
+)
 def _evaluate(firsts, delta, items, groups, sizes, method, cores):
   """Candidates of one stack in one call: `items` `(3, n)` int32 holds `(idx, r0, r1)`
   (kernel index and split) of each candidate, the first `sizes[0]` of static group
