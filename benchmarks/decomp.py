@@ -153,6 +153,7 @@ def bench_net(net, args, device):
     "kernels": len(kernels),
     "device": device,
     "jax": jax.__version__,
+    "date": time.strftime("%Y-%m-%d", time.gmtime()),
     "blas_threads": _blas_threads(),
   }
   dense = sum(k.size for k in kernels)

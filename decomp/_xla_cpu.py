@@ -48,7 +48,9 @@ their fusions with its classic LLVM IR emitters instead of the MLIR fusion emitt
 
 The search compiles dozens of small programs (one per kernel shape and round, each a few
 eigendecompositions around small fusions), and the fusion emitters' compile time
-dominates them: the first whole-ResNet-32 search at eps 0.3 spent 14-16 s in XLA's
-backend compiler instead of 23-26 s on a 2-core CPU (jax 0.10.2), at the same run time
-(110-118 ms against 119-152). Set per program, so the user's own programs are left
-alone; other backends ignore `xla_cpu_*` options, and jax rejects a misspelt name."""
+dominates them: the first whole-ResNet-32 search at eps 0.3 spent 12.8-15.7 s in XLA's
+backend compiler (8 runs) instead of 23.2-25.7 s (3 runs) on a 2-core CPU (jax 0.10.2), at
+the same run time (`benchmarks.decomp`: 98.9 ms against 92.2 ms, both noisy). Set per
+program, so the user's own programs are left alone (the demo's training took as long
+with it set globally: 323 and 324 s); other backends ignore `xla_cpu_*` options, and jax
+rejects a misspelt name."""
