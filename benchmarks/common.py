@@ -32,7 +32,8 @@ def _cpu_model() -> str:
   flags = next(
     (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
   )
-  return f", {model}" * bool(model) + ", avx512" * ("avx512f" in flags)
+  tags = ([model] if model else []) + (["avx512"] if "avx512f" in flags else [])
+  return "".join(f", {t}" for t in tags)
 
 
 def timeit(fn, *, repeats: int, warmup: int = 1) -> dict:

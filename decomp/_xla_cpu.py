@@ -1,13 +1,13 @@
-"""A workaround for a hang of XLA's CPU runtime (jaxlib 0.10.2).
+"""XLA CPU settings of decomp: a workaround for a runtime hang, and the search's compile options.
 
-A jitted graph with several independent LAPACK calls (batched `eigh`, `qr`), such as one
-Tucker-2 distortion of a whole ResNet-50 or one round of the RSDTR search, sometimes
-never returns on CPU: every XLA worker thread idles while the caller waits
-(`python -m benchmarks.repro_cpu_hang` shows it). It does not happen with XLA's
+The hang (jaxlib 0.10.2): a jitted graph with several independent LAPACK calls (batched
+`eigh`, `qr`), such as one Tucker-2 distortion of a whole ResNet-50 or one round of the
+RSDTR search, sometimes never returns on CPU: every XLA worker thread idles while the
+caller waits (`python -m benchmarks.repro_cpu_hang` shows it). It does not happen with XLA's
 concurrency-optimized scheduler off, so importing `decomp` turns it off through
 `XLA_FLAGS` unless the user set that flag, or the backends already exist (then it is
 too late, and a `RuntimeWarning` says how to set it). The flag is read by XLA's CPU
-compiler only; other backends ignore it.
+compiler only; other backends ignore it. The compile options: `FAST_COMPILE` below.
 """
 
 from __future__ import annotations

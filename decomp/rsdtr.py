@@ -22,7 +22,8 @@ the error the sweep has left) skips the candidates that cannot win; the others a
 evaluated for their ranks only (`decomp.train_ring._tr_rest_ranks`: no orthonormal
 factors, no cores), all of a shape in one call per round, grouped by static pad sizes
 with the split traced; only the winners' cores are computed. Four transfers to the host
-in all, of ranks and spectra, and of the winners' cores.
+in all, of ranks and spectra, and of the winners' cores. The programs compile with XLA
+CPU's classic fusion emitters (`decomp._xla_cpu.FAST_COMPILE`): a search compiles dozens.
 """
 
 from __future__ import annotations
