@@ -12,8 +12,11 @@ compiler only; other backends ignore it. The compile options: `FAST_COMPILE` bel
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+
+import numpy as np
 
 NAME = "xla_cpu_enable_concurrency_optimized_scheduler"
 FLAG = f"--{NAME}=false"
@@ -52,5 +55,27 @@ dominates them: the first whole-ResNet-32 search at eps 0.3 spent 12.8-15.7 s in
 backend compiler (8 runs) instead of 23.2-25.7 s (3 runs) on a 2-core CPU (jax 0.10.2), at
 the same run time (`benchmarks.decomp`: 98.9 ms against 92.2 ms, both noisy). Set per
 program, so the user's own programs are left alone (the demo's training took as long
-with it set globally: 323 and 324 s); other backends ignore `xla_cpu_*` options, and jax
-rejects a misspelt name."""
+with it set globally: 323 and 324 s). Used through `search_compiler_options`."""
+
+
+@functools.cache
+def search_compiler_options() -> dict | None:
+  """`FAST_COMPILE` where jax's default backend is the CPU and its XLA knows the option;
+  else None (XLA's defaults).
+
+  Decided once per process, on first use. The option changes compile time only, never a
+  result, so where an XLA lacks it (it may be retired; the GPU machine runs a newer jax
+  than the 0.10.2 this project is tested with) the search compiles with XLA's defaults
+  rather than fail: jax rejects an unknown option. `tests/test_xla_cpu.py` checks that it is
+  in effect with the tested jax.
+  """
+  import jax
+
+  if jax.default_backend() != "cpu":
+    return None
+  probe = jax.jit(lambda x: x + 1, compiler_options=FAST_COMPILE)
+  try:
+    probe.lower(np.zeros((), np.float32)).compile()
+  except jax.errors.JaxRuntimeError:
+    return None
+  return FAST_COMPILE

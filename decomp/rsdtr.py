@@ -22,8 +22,8 @@ the error the sweep has left) skips the candidates that cannot win; the others a
 evaluated for their ranks only (`decomp.train_ring._tr_rest_ranks`: no orthonormal
 factors, no cores), all of a shape in one call per round, grouped by static pad sizes
 with the split traced; only the winners' cores are computed. Four transfers to the host
-in all, of ranks and spectra, and of the winners' cores. The programs compile with XLA
-CPU's classic fusion emitters (`decomp._xla_cpu.FAST_COMPILE`): a search compiles dozens.
+in all, of ranks and spectra, and of the winners' cores. On CPU the programs compile with
+XLA's classic fusion emitters (`decomp._xla_cpu.FAST_COMPILE`): a search compiles dozens.
 """
 
 from __future__ import annotations
@@ -106,7 +106,6 @@ def _shift_axes(shift: int) -> tuple:
   return (0, *(1 + (shift + k) % 4 for k in range(4)))
 
 
-@functools.partial(jax.jit, static_argnames=("method",), compiler_options=_xla_cpu.FAST_COMPILE)
 def _first_steps(kernels, eps, method):
   """Everything the search starts from, for a stack of kernels `(B, d_h, d_w, S, T)`.
 
@@ -138,11 +137,6 @@ def _first_steps(kernels, eps, method):
   return tuple(firsts), delta, info
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=("groups", "sizes", "method", "cores"),
-  compiler_options=_xla_cpu.FAST_COMPILE,
-)
 def _evaluate(firsts, delta, items, groups, sizes, method, cores):
   """Candidates of one stack in one call: `items` `(3, n)` int32 holds `(idx, r0, r1)`
   (kernel index and split) of each candidate, the first `sizes[0]` of static group
@@ -156,6 +150,19 @@ def _evaluate(firsts, delta, items, groups, sizes, method, cores):
     fn = functools.partial(_tr_rest if cores else _tr_rest_ranks, p0=p0, p1=p1, method=method)
     out.append(jax.vmap(fn)(u[idx], rest[idx], r0, r1, delta[idx]))
   return out
+
+
+@functools.cache
+def _programs():
+  """`_first_steps` and `_evaluate` jitted, with the compile options of
+  `decomp._xla_cpu.search_compiler_options` (decided on first use, when jax's backend is
+  known)."""
+  options = _xla_cpu.search_compiler_options()
+  first = jax.jit(_first_steps, static_argnames=("method",), compiler_options=options)
+  evaluate = jax.jit(
+    _evaluate, static_argnames=("groups", "sizes", "method", "cores"), compiler_options=options
+  )
+  return first, evaluate
 
 
 def _lower_bound(dims, r0, r1, rho2, rho3) -> int:
@@ -189,7 +196,7 @@ class _Stack:
     self.dtype = kernels.dtype
     self.ring_shape = tuple(kernels.shape[1:][a] for a in RING_AXES)
     eps_arr = jnp.asarray(eps, kernels.dtype)
-    self.firsts, self.delta, self.info = _first_steps(kernels, eps_arr, method)
+    self.firsts, self.delta, self.info = _programs()[0](kernels, eps_arr, method)
     self.lower: dict = {}  # candidate -> lower bound on its storage
     self.ranks: dict = {}  # candidate -> ring ranks (R_0, .., R_3) of its sweep
 
@@ -266,7 +273,7 @@ class _Stack:
     members = [by[g] for g in groups]
     sizes = tuple(len(m) for m in members)
     items = np.asarray([(c[0], c[2], c[3]) for m in members for c in m], np.int32).T
-    out = _evaluate(self.firsts, self.delta, items, groups, sizes, self.method, cores)
+    out = _programs()[1](self.firsts, self.delta, items, groups, sizes, self.method, cores)
     return groups, members, out
 
 
