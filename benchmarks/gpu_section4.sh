@@ -4,15 +4,9 @@
 # and the next resumes from the workdir the previous one returned (the CLI resumes a
 # workdir; a run stopped at any moment loses at most the steps since its last checkpoint).
 #
-# The GPU machine (../shared/GPU.md) has jax, flax, optax, numpy, scipy, but not the CLI's
-# and the checkpoints' packages. Here, once (.data, .whl and .s4 listed in
-# .git/info/exclude, so that `carry` can take them; ~60 MB together, the limit is 64 MiB):
-#   mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --abi cp312 \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
-#     orbax-checkpoint tensorstore msgpack etils humanize aiofiles simplejson psutil \
-#     protobuf prometheus-client uvloop pyyaml absl-py ml-collections threadpoolctl \
-#     typing-extensions zipp fsspec importlib-resources
+# Here, once: the wheels and the data of benchmarks/gpu.sh's header (.whl: ml_collections
+# for the CLI, threadpoolctl; flax brings orbax, absl and yaml there; .data: Fashion-MNIST),
+# and .s4 listed in .git/info/exclude beside .whl and .data.
 # First device call (carry: .data, .whl):
 #   bash benchmarks/gpu_section4.sh "$OUT"
 # Then, after each call, here: rm -rf .s4 && cp -r <files_at>/s4 .s4
