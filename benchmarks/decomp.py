@@ -41,6 +41,9 @@ import numpy as np
 import decomp
 from benchmarks import common, paper_rsdtr, shapes
 
+SWEEPS = {"sweep": {"n_sweeps": 2}, "sweep_os": {"n_sweeps": 1, "oversample": 4}}
+"""The `decomp.tucker2_sweep` settings that `--methods` can name (Tucker-2 only)."""
+
 NETS = {"resnet32": lambda: shapes.resnet_cifar(32), "resnet50": shapes.resnet50}
 
 
@@ -83,8 +86,8 @@ def make_distortion(kernels, method, which):
   stacks = [jnp.stack([jnp.asarray(kernels[i]) for i in idx]) for _, idx in groups]
 
   def one(k):
-    if which == "tucker2" and method == "sweep":
-      return decomp.reconstruct(decomp.tucker2_sweep(k, tucker2_ranks(k.shape), n_sweeps=2))
+    if which == "tucker2" and method in SWEEPS:
+      return decomp.reconstruct(decomp.tucker2_sweep(k, tucker2_ranks(k.shape), **SWEEPS[method]))
     if which == "tucker2":
       return decomp.reconstruct(decomp.tucker2(k, tucker2_ranks(k.shape), method=method))
     return decomp.reconstruct(decomp.lowered_svd(k, lowered_rank(k.shape), method=method))
@@ -166,7 +169,7 @@ def bench_net(net, args, device):
     peer_ms, peer_out = _time_host(lambda f=peer_fn: f(kernels), args.peer_repeats)
     peer_err = _net_error(kernels, peer_out)
     for method in args.methods:
-      if method == "sweep" and which != "tucker2":
+      if method in SWEEPS and which != "tucker2":
         continue  # the eigensolver-free route exists for Tucker-2 only
       run, approx = make_distortion(kernels, method, which)
       t = common.timeit(run, repeats=args.repeats)
@@ -194,7 +197,7 @@ def bench_net(net, args, device):
       lambda e=eps: [paper_rsdtr.rsdtr(k, e) for k in kernels], args.paper_repeats
     )
     peer_out = [paper_rsdtr.tr_to_kernel(p[2]) for p in peer]
-    for method in (m for m in args.methods if m != "sweep"):
+    for method in (m for m in args.methods if m not in SWEEPS):
       t0 = time.perf_counter()
       decomp.rsdtr_many(kernels, eps=eps, method=method)  # compiles
       first = 1e3 * (time.perf_counter() - t0)
@@ -245,7 +248,11 @@ def main():
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--nets", default="resnet32", help="resnet32,resnet50")
-  p.add_argument("--methods", default="gram,svd,sweep", help="sweep: tucker2_sweep (2 sweeps)")
+  p.add_argument(
+    "--methods",
+    default="gram,svd,sweep,sweep_os",
+    help="sweep: tucker2_sweep, 2 sweeps; sweep_os: 1 sweep, oversample 4",
+  )
   p.add_argument("--tasks", default="tucker2,lowered_svd,rsdtr")
   p.add_argument("--eps", default="0.3,0.5")
   p.add_argument("--repeats", type=int, default=20)

@@ -157,3 +157,55 @@ def test_tucker2_sweep_jit_vmap_and_bad_input():
     decomp.tucker2_sweep(ks[0], (2, 3), n_sweeps=0)
   with pytest.raises(ValueError, match="ranks"):
     decomp.tucker2_sweep(ks[0], (9, 3))
+
+
+def _steep_kernel(rng, shape, floor):
+  """A random kernel whose two channel modes have singular values decaying geometrically
+  from 1 to `floor` (a trained net's kernels are closer to this than to white noise)."""
+  k = rng.standard_normal(shape)
+  for mode in (2, 3):
+    n = shape[mode]
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    k = np.moveaxis(np.tensordot(k, q * np.geomspace(1, floor, n), axes=([mode], [1])), -1, mode)
+  return k
+
+
+def test_tucker2_sweep_oversampled_reaches_hosvd_on_steep_spectra():
+  """Plain sweeps converge slowly where the spectrum decays steadily (the ratio of
+  consecutive singular values near r is close to 1); an oversampled block does not."""
+  k = _steep_kernel(np.random.default_rng(6), (3, 3, 32, 32), 1e-3)
+  ranks = (8, 8)
+  hosvd = float(decomp.rel_error(jnp.asarray(k), decomp.tucker2(k, ranks)))
+  plain = float(decomp.rel_error(jnp.asarray(k), decomp.tucker2_sweep(k, ranks, n_sweeps=1)))
+  t = decomp.tucker2_sweep(k, ranks, n_sweeps=1, oversample=8)
+  over = float(decomp.rel_error(jnp.asarray(k), t))
+  assert plain > 1.01 * hosvd  # what oversampling is for
+  assert over <= 1.01 * hosvd
+  assert t.core.shape == (3, 3, 8, 8)
+  for u in t.factors[2:]:
+    assert u.shape == (32, 8)
+    np.testing.assert_allclose(np.asarray(u).T @ np.asarray(u), np.eye(8), atol=1e-12)
+  # The returned factors are what the error is measured on (float64 reference projection).
+  u_s, u_t = (np.asarray(u) for u in t.factors[2:])
+  proj = np.einsum("hwst,sa,ua,tb,vb->hwuv", k, u_s, u_s, u_t, u_t, optimize=True)
+  assert over == pytest.approx(np.linalg.norm(k - proj) / np.linalg.norm(k), rel=1e-10)
+
+
+def test_tucker2_sweep_oversampled_exact_rank_random_and_capped():
+  x = ref.low_rank_tucker(np.random.default_rng(7), (3, 3, 16, 24), (3, 3, 5, 6))
+  t = decomp.tucker2_sweep(x, (5, 6), n_sweeps=1, oversample=4)
+  assert float(decomp.rel_error(jnp.asarray(x), t)) < 1e-10
+  k = np.random.default_rng(8).standard_normal((3, 3, 16, 16))
+  hosvd = float(decomp.rel_error(jnp.asarray(k), decomp.tucker2(k, (4, 4))))
+  over = float(decomp.rel_error(jnp.asarray(k), decomp.tucker2_sweep(k, (4, 4), oversample=4)))
+  assert over < hosvd
+  # An oversampled block as large as the mode is the whole space: Rayleigh-Ritz is then
+  # the exact eigenproblem of the projected Gram matrix, i.e. one HOOI half-step each.
+  t = decomp.tucker2_sweep(k, (4, 4), n_sweeps=1, oversample=100)
+  u_s = np.asarray(t.factors[2])
+  h_s = np.asarray(decomp.tucker2(k, (4, 4)).factors[2])
+  assert u_s.shape == (16, 4)
+  np.testing.assert_allclose(u_s @ u_s.T, h_s @ h_s.T, atol=1e-10)  # HOSVD's U_S subspace
+  assert float(decomp.rel_error(jnp.asarray(k), t)) <= hosvd * (1 + 1e-12)
+  with pytest.raises(ValueError, match="oversample must be an int >= 0"):
+    decomp.tucker2_sweep(k, (4, 4), oversample=-1)
