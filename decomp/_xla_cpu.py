@@ -16,8 +16,6 @@ import functools
 import os
 import warnings
 
-import numpy as np
-
 NAME = "xla_cpu_enable_concurrency_optimized_scheduler"
 FLAG = f"--{NAME}=false"
 
@@ -75,7 +73,7 @@ def search_compiler_options() -> dict | None:
     return None
   probe = jax.jit(lambda x: x + 1, compiler_options=FAST_COMPILE)
   try:
-    probe.lower(np.zeros((), np.float32)).compile()
+    probe.lower(0.0).compile()
   except jax.errors.JaxRuntimeError:
     return None
   return FAST_COMPILE

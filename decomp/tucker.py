@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from decomp import _checks
-from decomp._linalg import cholesky_qr, eigh_desc, mm, truncated_svd
+from decomp._linalg import cholesky_qr, mm, truncated_svd
 from decomp.factors import Tucker, mode_product
 
 
@@ -169,10 +169,9 @@ def _tucker2_sweep(kernel, ranks, n_sweeps, oversample, key):
 
 
 def _ritz(u: jax.Array, m: jax.Array, r: int) -> jax.Array:
-  """The `r` leading Ritz vectors of `m m^T` in the span of `u`'s orthonormal columns."""
-  b = mm(u.T, m)
-  _, w = eigh_desc(mm(b, b.T))
-  return mm(u, w[:, :r])
+  """The `r` leading Ritz vectors of `m m^T` in the span of `u`'s orthonormal columns: `u`
+  times the leading left singular vectors of `u^T m`."""
+  return mm(u, truncated_svd(mm(u.T, m), r, "gram")[0])
 
 
 def tucker2_sweep(

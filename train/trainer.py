@@ -10,6 +10,7 @@ the same parameters as an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -87,11 +88,15 @@ def _mesh():
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
+@functools.lru_cache(maxsize=16)
 def local_rows(n: int, sharding: NamedSharding) -> np.ndarray:
-  """The rows of an `n`-row batch sharded by `sharding` that this process's devices hold."""
+  """The rows of an `n`-row batch sharded by `sharding` that this process's devices hold
+  (read-only; the same for every batch of a run, so computed once)."""
   index_map = sharding.addressable_devices_indices_map((n,))
   rows = np.arange(n)
-  return np.unique(np.concatenate([rows[ix[0]] for ix in index_map.values()]))
+  out = np.unique(np.concatenate([rows[ix[0]] for ix in index_map.values()]))
+  out.flags.writeable = False
+  return out
 
 
 def read_local(split: data_lib.SplitLike, idx: np.ndarray, sharding: NamedSharding, aug_seed=None):
