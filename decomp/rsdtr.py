@@ -22,8 +22,12 @@ the error the sweep has left) skips the candidates that cannot win; the others a
 evaluated for their ranks only (`decomp.train_ring._tr_rest_ranks`: no orthonormal
 factors, no cores), all of a shape in one call per round, grouped by static pad sizes
 with the split traced; only the winners' cores are computed. Four transfers to the host
-in all, of ranks and spectra, and of the winners' cores. On CPU the programs compile with
-XLA's classic fusion emitters (`decomp._xla_cpu.FAST_COMPILE`): a search compiles dozens.
+in all, of ranks and spectra, and of the winners' cores.
+
+A first search compiles dozens of programs (one per kernel shape and round), so compile
+time matters as much as run time: each new program is lowered on the calling thread and
+compiled on a pool, one per core (`_executables`), and on CPU with XLA's classic fusion
+emitters (`decomp._xla_cpu.FAST_COMPILE`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +171,49 @@ def _programs():
   return first, evaluate
 
 
+_EXECUTABLES: dict = {}  # (program, static arguments, argument types) -> jax.stages.Compiled
+_MAX_EXECUTABLES = 2048  # the oldest are dropped beyond this (a search of ResNet-32: ~25)
+
+
+def _executables(jobs: list) -> list:
+  """The compiled programs of `jobs` `[(program, args, static)]` (`program` one of
+  `_programs()`, `args` its array arguments, `static` a dict of its static ones), each
+  compiled once per process.
+
+  A first search compiles dozens of programs, and XLA's CPU compiler keeps only part of
+  a 2-core machine busy with one (a first whole-ResNet-32 search at eps 0.5: 38.7 s of
+  CPU time in 25.0 s). So the new programs are lowered here, in order (tracing reads this
+  thread's jax configuration, which may be a thread's own, such as a `jax.enable_x64`
+  context), and each is compiled on a pool of one thread per core as soon as it is lowered
+  (XLA releases the GIL while it compiles): 39.6 s of CPU time in 20.9 s. The programs are
+  run by the caller, one at a time on its own thread: LAPACK calls from two threads at
+  once can hang XLA's CPU runtime (see `decomp._xla_cpu`).
+  """
+  keys = []
+  for program, args, static in jobs:
+    types = tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in jax.tree.leaves(args))
+    keys.append((program, tuple(sorted(static.items())), jax.tree.structure(args), types))
+  new = {k: j for k, j in zip(keys, jobs, strict=True) if k not in _EXECUTABLES}
+  if new:
+    workers = min(len(new), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers, thread_name_prefix="rsdtr-compile") as pool:
+      pending = [
+        (k, pool.submit(program.lower(*args, **static).compile))
+        for k, (program, args, static) in new.items()
+      ]
+      for k, future in pending:
+        _EXECUTABLES[k] = future.result()
+  out = [_EXECUTABLES[k] for k in keys]
+  while len(_EXECUTABLES) > _MAX_EXECUTABLES:
+    del _EXECUTABLES[next(iter(_EXECUTABLES))]  # dicts keep insertion order: the oldest
+  return out
+
+
+def _run(jobs: list) -> list:
+  """Runs `jobs` (see `_executables`) in order on this thread; returns their outputs."""
+  return [exe(*args) for exe, (_, args, _) in zip(_executables(jobs), jobs, strict=True)]
+
+
 def _lower_bound(dims, r0, r1, rho2, rho3) -> int:
   """A lower bound on the storage of the TR-SVD candidate `(r0, r1)` of one shift.
 
@@ -195,8 +244,12 @@ class _Stack:
     self.n, self.names, self.method = kernels.shape[0], names, method
     self.dtype = kernels.dtype
     self.ring_shape = tuple(kernels.shape[1:][a] for a in RING_AXES)
-    eps_arr = jnp.asarray(eps, kernels.dtype)
-    self.firsts, self.delta, self.info = _programs()[0](kernels, eps_arr, method)
+    self.first_job = (
+      _programs()[0],
+      (kernels, jnp.asarray(eps, kernels.dtype)),
+      {"method": method},
+    )
+    self.firsts = self.delta = self.info = None  # `_first_steps`' outputs, set by `_rounds`
     self.lower: dict = {}  # candidate -> lower bound on its storage
     self.ranks: dict = {}  # candidate -> ring ranks (R_0, .., R_3) of its sweep
 
@@ -264,8 +317,9 @@ class _Stack:
     best = {b: self.storage(self.best(b)) for b in range(self.n)}
     return [c for c in self.lower if c not in self.ranks and self.lower[c] <= best[c[0]]]
 
-  def dispatch(self, cands: list, cores: bool):
-    """Starts the evaluation of `cands`; returns `(groups, members, outputs)`."""
+  def job(self, cands: list, cores: bool):
+    """The evaluation of `cands`: `(members, job)`, `members[g]` the candidates of group
+    `g`, `job` for `_run`."""
     by: dict = {}
     for c in cands:
       by.setdefault((c[1], _pad(c[2]), _pad(c[3])), []).append(c)
@@ -273,19 +327,21 @@ class _Stack:
     members = [by[g] for g in groups]
     sizes = tuple(len(m) for m in members)
     items = np.asarray([(c[0], c[2], c[3]) for m in members for c in m], np.int32).T
-    out = _programs()[1](self.firsts, self.delta, items, groups, sizes, self.method, cores)
-    return groups, members, out
+    static = {"groups": groups, "sizes": sizes, "method": self.method, "cores": cores}
+    return members, (_programs()[1], (self.firsts, self.delta, items), static)
 
 
 def _rounds(stacks: list, eps: float) -> None:
   """Evaluates the candidates that can win: two rounds, all stacks in each."""
+  for st, out in zip(stacks, _run([st.first_job for st in stacks]), strict=True):
+    st.firsts, st.delta, st.info = out
   infos = jax.device_get([st.info for st in stacks])
   for st, info in zip(stacks, infos, strict=True):
     st.bound_all(info, eps)
   for pick in (_Stack.first_round, _Stack.second_round):
-    calls = [(st, st.dispatch(cands, cores=False)) for st in stacks if (cands := pick(st))]
-    found = jax.device_get([out for _, (_, _, out) in calls])
-    for (st, (_, members, _)), got in zip(calls, found, strict=True):
+    calls = [(st, st.job(cands, cores=False)) for st in stacks if (cands := pick(st))]
+    found = jax.device_get(_run([job for _, (_, job) in calls]))
+    for (st, (members, _)), got in zip(calls, found, strict=True):
       for group, ranks in zip(members, got, strict=True):
         for c, r23 in zip(group, ranks, strict=True):
           st.ranks[c] = (c[2], c[3], *(int(v) for v in r23))
@@ -296,10 +352,10 @@ def _winners(stacks: list) -> list:
   calls = []
   for st in stacks:
     wins = [st.best(b) for b in range(st.n)]
-    calls.append((st, wins, st.dispatch(wins, cores=True)))
-  got = jax.device_get([out for _, _, (_, _, out) in calls])
+    calls.append((st, wins, st.job(wins, cores=True)))
+  got = jax.device_get(_run([job for _, _, (_, job) in calls]))
   results, cores_host = [], []
-  for (st, wins, (_, members, _)), outs in zip(calls, got, strict=True):
+  for (st, wins, (members, _)), outs in zip(calls, got, strict=True):
     where = {c: (g, j) for g, m in enumerate(members) for j, c in enumerate(m)}
     for b, c in enumerate(wins):
       g, j = where[c]
