@@ -12,6 +12,15 @@ while the caller waits in `block_until_ready` (gdb). Not an effect of OpenBLAS t
 false hangs too). With the scheduler off (`--workaround`, which is what importing
 `decomp` does, see `decomp/_xla_cpu.py`) 100 runs finish (2026-11-23). Prints "ok" if
 it finishes.
+
+  PYTHONPATH=. timeout 300 python -m benchmarks.repro_cpu_hang --workaround --threads
+
+The workaround does not cover programs run from two Python threads at once: two threads,
+each running a jitted batched `eigh` (18 matrices of 128) at the same time, stop returning
+with the workaround on (2026-11-23: 8 of 8 processes, after 0-58 rounds, killed at 90-120
+s; of 3 earlier processes of 21 rounds one finished, its two threads 1.4x slower than one
+thread running both halves). So a program with LAPACK calls is run from one thread at a
+time (`decomp.rsdtr` compiles on a pool but runs on the caller's thread).
 """
 
 import os
@@ -23,14 +32,30 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_enable_concurrency_optimized_scheduler={_VALUE}"
 ).strip()
 
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks import shapes  # noqa: E402
 from benchmarks.decomp import _kernels, make_distortion  # noqa: E402
 
 
+def _two_threads():
+  """One round: two threads, each running a jitted batched eigh, at the same time."""
+  g = np.random.default_rng(0).standard_normal((36, 128, 600)).astype(np.float32)
+  halves = [jnp.asarray(h @ np.swapaxes(h, 1, 2)) for h in (g[:18], g[18:])]
+  eigh = jax.jit(lambda x: jnp.linalg.eigh(x)[1])
+  pool = ThreadPoolExecutor(2)
+  return lambda: list(pool.map(lambda h: jax.block_until_ready(eigh(h)), halves))
+
+
 def main(runs: int = 100):
-  run, _ = make_distortion(_kernels(shapes.resnet50()), "gram", "tucker2")
+  if "--threads" in sys.argv:
+    run = _two_threads()
+  else:
+    run, _ = make_distortion(_kernels(shapes.resnet50()), "gram", "tucker2")
   for i in range(runs):
     run()
     print(f"run {i + 1}/{runs}", end="\r", flush=True)
