@@ -182,12 +182,12 @@ def _executables(jobs: list) -> list:
 
   A first search compiles dozens of programs, and XLA's CPU compiler keeps only part of
   a 2-core machine busy with one (a first whole-ResNet-32 search at eps 0.5: 38.7 s of
-  CPU time in 25.0 s). So the new programs are lowered here, in order (tracing reads this
-  thread's jax configuration, which may be a thread's own, such as a `jax.enable_x64`
-  context), and each is compiled on a pool of one thread per core as soon as it is lowered
-  (XLA releases the GIL while it compiles): 39.6 s of CPU time in 20.9 s. The programs are
-  run by the caller, one at a time on its own thread: LAPACK calls from two threads at
-  once can hang XLA's CPU runtime (see `decomp._xla_cpu`).
+  CPU time in 25.0 s). So the new programs are lowered here, in order (tracing then reads
+  the caller's jax configuration, which context managers set per thread), and each is
+  compiled on a pool of one thread per core as soon as it is lowered (XLA releases the GIL
+  while it compiles): 39.6 s of CPU time in 20.9 s. The programs are run by the caller,
+  one at a time on its own thread: LAPACK calls from two threads at once can hang XLA's
+  CPU runtime (`python -m benchmarks.repro_cpu_hang --workaround --threads`).
   """
   keys = []
   for program, args, static in jobs:
