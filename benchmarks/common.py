@@ -28,10 +28,9 @@ def _cpu_model() -> str:
       info = f.read()
   except OSError:
     return ""
-  model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "")
-  flags = next(
-    (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
-  )
+  fields = dict(ln.split(":", 1) for ln in reversed(info.splitlines()) if ":" in ln)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}  # the first CPU's values
+  model, flags = fields.get("model name", ""), fields.get("flags", "").split()
   tags = ([model] if model else []) + (["avx512"] if "avx512f" in flags else [])
   return "".join(f", {t}" for t in tags)
 
