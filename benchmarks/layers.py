@@ -1,14 +1,20 @@
 """Factorized layers against dense: a whole training step, and single layers.
 
-  PYTHONPATH=. python -m benchmarks.layers                     # the issue's settings (GPU)
-  PYTHONPATH=. python -m benchmarks.layers --batch 64 --steps 5 --layer-batch 8   # a CPU check
+  PYTHONPATH=. python -m benchmarks.layers            # GPU: bf16, batch 1024; CPU: fp32, 32,128
+  PYTHONPATH=. python -m benchmarks.layers --only step --steps 20     # the CPU table (README)
 
 1. Training step (forward, backward, SGD update; `train.steps.make_train_step`, the step the
    CLI runs) of the CIFAR ResNet-32, dense and with every 3x3 conv of its residual blocks
    factorized at `--ratio` (default 0.25) of its weights, for Tucker-2, CP, TT and TR;
-   `--dtype` compute (default bfloat16; params float32), batch `--batch` (1024).
+   `--dtype` compute (params float32), batch `--batch` (a comma list). Defaults by device:
+   on a GPU/TPU bfloat16 at batch 1024, on a CPU float32 at batches 32 and 128.
    images/s = batch / median step time; `vs_dense` is that over the dense images/s of the
    same run. The target is `vs_dense >= 1.0`; rows that miss it say so.
+   The peer (`--peer torch`, the default where the `bench` extra is installed;
+   `benchmarks.torch_peer`): the same net in eager PyTorch, dense, and with TensorLy-Torch's
+   factorized Tucker/CP/TT convs at the same ratio, timed in the same process right after
+   ours at the same batch; `vs_peer` is ours over the peer's images/s (float32 only: the
+   peer runs float32).
 2. Single layers: forward + backward (gradients of the factors and of the input) of the
    ResNet-50 3x3 shapes (64@56x56, 128@28x28, 256@14x14, 512@7x7, stride 1) at batch
    `--layer-batch` (64), each kind at `--ratio` against the dense conv.
@@ -39,6 +45,13 @@ R50_3X3 = ((64, 56), (128, 28), (256, 14), (512, 7))
 
 
 def _step_rows(args, device: str) -> list:
+  rows = []
+  for b in args.batch:
+    rows += _step_rows_at(args, device, b)
+  return rows
+
+
+def _step_rows_at(args, device: str, batch_size: int) -> list:
   dense = tnn.models.resnet32(10, rngs=nnx.Rngs(0))
   cfg = steps_lib.StepConfig(
     num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, compute_dtype=args.dtype
@@ -46,8 +59,8 @@ def _step_rows(args, device: str) -> list:
   tx = optax.sgd(0.01, momentum=0.9)
   rng = np.random.default_rng(0)
   batch = (
-    jnp.asarray(rng.integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8)),
-    jnp.asarray(rng.integers(0, 10, (args.batch,), dtype=np.int32)),
+    jnp.asarray(rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)),
+    jnp.asarray(rng.integers(0, 10, (batch_size,), dtype=np.int32)),
   )
   rows = []
   for kind in ("dense", *args.kinds):
@@ -74,10 +87,10 @@ def _step_rows(args, device: str) -> list:
         kind=kind,
         ratio=None if kind == "dense" else args.ratio,
         dtype=args.dtype,
-        batch=args.batch,
+        batch=batch_size,
         params=rep["params"],
         macs_per_image=rep["macs"],
-        images_per_s=args.batch / (t["median_ms"] / 1e3),
+        images_per_s=batch_size / (t["median_ms"] / 1e3),
         device=device,
         **t,
       )
@@ -86,6 +99,21 @@ def _step_rows(args, device: str) -> list:
   for r in rows:
     r["vs_dense"] = r["images_per_s"] / dense_ips
     r["meets_target"] = r["kind"] == "dense" or r["vs_dense"] >= 1.0
+  if args.peer == "torch":
+    import torch
+
+    from benchmarks import torch_peer
+
+    peer = torch_peer.train_step_rows([r["kind"] for r in rows], batch_size, args.steps, args.ratio)
+    for r in rows:
+      if r["kind"] in peer:
+        ms, first_ms, n = peer[r["kind"]]
+        r["peer"] = f"torch {torch.__version__} eager channels_last" + (
+          "" if r["kind"] == "dense" else " + tltorch FactorizedConv (factorized)"
+        )
+        r["peer_images_per_s"] = batch_size / (ms / 1e3)
+        r["peer_first_ms"], r["peer_params"] = first_ms, n
+        r["vs_peer"] = r["images_per_s"] / r["peer_images_per_s"]
   return rows
 
 
@@ -154,11 +182,12 @@ def main(argv=None):
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("--batch", type=int, default=1024)
+  p.add_argument("--batch", default="", help="comma list (default by device, see above)")
   p.add_argument("--layer-batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--ratio", type=float, default=0.25)
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  p.add_argument("--dtype", default="", choices=("", "bfloat16", "float32"))
+  p.add_argument("--peer", default="auto", choices=("auto", "torch", "none"))
   p.add_argument("--kinds", default=",".join(KINDS))
   p.add_argument("--only", default="", choices=("", "step", "layer"))
   p.add_argument("--out", default="benchmarks/results/layers.jsonl")
@@ -167,6 +196,16 @@ def main(argv=None):
   for k in args.kinds:
     if k not in KINDS:
       raise ValueError(f"--kinds: unknown {k!r}; allowed {KINDS}.")
+  cpu = jax.default_backend() == "cpu"
+  args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
+  args.batch = tuple(int(b) for b in (args.batch or ("32,128" if cpu else "1024")).split(","))
+  if args.peer == "auto":
+    from benchmarks import torch_peer
+
+    why = torch_peer.available()
+    args.peer = "none" if why or args.dtype != "float32" else "torch"
+    if why:
+      print(f"no peer: {why}")
   device = common.device_name()
   rows = []
   if args.only in ("", "step"):
@@ -177,10 +216,15 @@ def main(argv=None):
   print(f"\ndevice: {device}, dtype {args.dtype}, ratio {args.ratio}")
   for r in rows:
     if r["bench"] == "train_step":
-      flag = "" if r["meets_target"] else "  MISSES the 1.0x target"
+      flag = "" if r["meets_target"] else "  MISSES the 1.0x-dense target"
+      peer = (
+        f"  peer {r['peer_images_per_s']:7.1f} img/s  {r['vs_peer']:5.2f}x peer"
+        if "vs_peer" in r
+        else ""
+      )
       print(
-        f"train step resnet32 {r['kind']:8s} batch {r['batch']:5d} {r['images_per_s']:10.0f} img/s"
-        f"  {r['vs_dense']:5.2f}x dense  params {r['params']:8d}"
+        f"train step resnet32 {r['kind']:8s} batch {r['batch']:5d} {r['images_per_s']:8.1f} img/s"
+        f"  {r['vs_dense']:5.2f}x dense{peer}  params {r['params']:8d}"
         f"  compile {r['first_ms'] / 1e3:6.1f} s{flag}"
       )
     else:

@@ -24,6 +24,9 @@ CASES = [
   ("rsdtr_imagenet", "resnet18"),
   ("rsdtr_imagenet", "resnet34,eps=0.5"),
   ("rsdtr_imagenet", "resnet18,fmnist"),
+  ("teachers", "resnet20"),
+  ("teachers", "cnn"),
+  ("teachers", "lenet5"),
 ]
 
 
