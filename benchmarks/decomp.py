@@ -80,8 +80,9 @@ def lowered_rank(shape):
   return max(1, min(shape[3], shape[0] * shape[1] * shape[2]) // 4)
 
 
-def make_distortion(kernels, method, which):
-  """One jitted function: every kernel decomposed and reconstructed, vmapped per shape."""
+def make_distortion(kernels, method, which, compiler_options=None):
+  """One jitted function: every kernel decomposed and reconstructed, vmapped per shape
+  (compiled with `compiler_options`)."""
   groups = _groups(kernels)
   stacks = [jnp.stack([jnp.asarray(kernels[i]) for i in idx]) for _, idx in groups]
 
@@ -92,7 +93,7 @@ def make_distortion(kernels, method, which):
       return decomp.reconstruct(decomp.tucker2(k, tucker2_ranks(k.shape), method=method))
     return decomp.reconstruct(decomp.lowered_svd(k, lowered_rank(k.shape), method=method))
 
-  fn = jax.jit(lambda xs: [jax.vmap(one)(x) for x in xs])
+  fn = jax.jit(lambda xs: [jax.vmap(one)(x) for x in xs], compiler_options=compiler_options)
 
   def run():
     return jax.block_until_ready(fn(stacks))
@@ -255,6 +256,7 @@ def _fmt(r):
 
 
 def main():
+  decomp.avoid_cpu_runtime_hang()  # before jax starts; nothing where a GPU/TPU plugin is
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )

@@ -1,18 +1,31 @@
-"""XLA CPU settings of decomp: a workaround for a runtime hang, and the search's compile options.
+"""XLA CPU settings of decomp: an opt-in workaround for a runtime hang, and FAST_COMPILE.
+
+Importing `decomp` changes no process-wide state: not `os.environ`, not jax's
+configuration. Both settings here act only on the CPU.
 
 The hang (jaxlib 0.10.2): a jitted graph with several independent LAPACK calls (batched
 `eigh`, `qr`), such as one Tucker-2 distortion of a whole ResNet-50 or one round of the
 RSDTR search, sometimes never returns on CPU: every XLA worker thread idles while the
-caller waits (`python -m benchmarks.repro_cpu_hang` shows it). It does not happen with XLA's
-concurrency-optimized scheduler off, so importing `decomp` turns it off through
-`XLA_FLAGS` unless the user set that flag, or the backends already exist (then it is
-too late, and a `RuntimeWarning` says how to set it). The flag is read by XLA's CPU
-compiler only; other backends ignore it. The compile options: `FAST_COMPILE` below.
+caller waits (`python -m benchmarks.repro_cpu_hang` shows it). It does not happen with
+XLA's concurrency-optimized scheduler off for the whole process (the flag in `XLA_FLAGS`
+before jax starts). The same option passed as a per-program compile option does not
+help: the repro hung in its first run that way (2 of 2 processes, 2026-12-02), so the
+workaround is process-wide, and therefore an explicit opt-in:
+`decomp.avoid_cpu_runtime_hang()`, called before jax starts by the entry points that run
+large decompositions on CPU (the `train` CLI, `benchmarks.decomp`, the test suite), or
+the flag set by hand. It does nothing where a GPU or TPU jax plugin is installed and
+`JAX_PLATFORMS` does not select the CPU: the GPU machine runs a newer jax, and an
+`XLA_FLAGS` entry its XLA does not know stops every program at start.
+
+FAST_COMPILE (below) is a per-program compile option of the RSDTR search, where the
+default backend is the CPU and its XLA knows it (probed once).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import os
 import warnings
 
@@ -20,28 +33,40 @@ NAME = "xla_cpu_enable_concurrency_optimized_scheduler"
 FLAG = f"--{NAME}=false"
 
 
+def _accelerator_jax() -> bool:
+  """Whether this jax may start a GPU/TPU backend (a plugin or libtpu is installed and
+  `JAX_PLATFORMS` does not restrict it to the CPU). Decided without starting jax."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms and all(p.strip() == "cpu" for p in platforms.split(",")):
+    return False
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return True
+  return any(importlib.util.find_spec(m) is not None for m in ("libtpu", "jax_plugins"))
+
+
 def avoid_cpu_runtime_hang() -> bool:
-  """Adds `FLAG` to `XLA_FLAGS` if it is not there and XLA has not started; returns
-  whether the flag is in effect."""
+  """Opt in: adds `FLAG` to `XLA_FLAGS` for this process, where jax runs on the CPU only,
+  the user has not set the flag and XLA has not started. Returns whether the flag is in
+  effect. Call it first thing in an entry point (not at import)."""
   flags = os.environ.get("XLA_FLAGS", "")
   if NAME in flags:
     return FLAG in flags.split()
-  from jax._src import xla_bridge
+  if _accelerator_jax():
+    return False
+  from jax._src import xla_bridge  # private; guarded below
 
-  if xla_bridge.backends_are_initialized():
+  started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
+  if started:
     warnings.warn(
-      f"jax started before decomp was imported, so decomp could not set XLA_FLAGS={FLAG}; "
-      "on CPU, large decompositions may hang (jaxlib 0.10.2). Import decomp first or set "
-      "the flag in the environment.",
+      f"avoid_cpu_runtime_hang: jax already started, so XLA_FLAGS={FLAG} cannot take "
+      "effect; call it before any jax computation, or set the flag in the environment.",
       RuntimeWarning,
-      stacklevel=3,
+      stacklevel=2,
     )
     return False
   os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
   return True
 
-
-IN_EFFECT = avoid_cpu_runtime_hang()
 
 FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 """`jax.jit` compiler options of the RSDTR search's programs: XLA's CPU backend compiles
@@ -49,11 +74,8 @@ their fusions with its classic LLVM IR emitters instead of the MLIR fusion emitt
 
 The search compiles dozens of small programs (one per kernel shape and round, each a few
 eigendecompositions around small fusions), and the fusion emitters' compile time
-dominates them: the first whole-ResNet-32 search at eps 0.3 spent 12.8-15.7 s in XLA's
-backend compiler (8 runs) instead of 23.2-25.7 s (3 runs) on a 2-core CPU (jax 0.10.2), at
-the same run time (`benchmarks.decomp`: 98.9 ms against 92.2 ms, both noisy). Set per
-program, so the user's own programs are left alone (the demo's training took as long
-with it set globally: 323 and 324 s). Used through `search_compiler_options`."""
+dominates them (the README's decomposition section gives the figures). Set per program,
+so the user's own programs are left alone. Used through `search_compiler_options`."""
 
 
 @functools.cache
@@ -62,10 +84,10 @@ def search_compiler_options() -> dict | None:
   else None (XLA's defaults).
 
   Decided once per process, on first use. The option changes compile time only, never a
-  result, so where an XLA lacks it (it may be retired; the GPU machine runs a newer jax
-  than the 0.10.2 this project is tested with) the search compiles with XLA's defaults
-  rather than fail: jax rejects an unknown option. `tests/test_xla_cpu.py` checks that it is
-  in effect with the tested jax.
+  result, so where an XLA lacks it (the GPU machine runs a newer jax than the 0.10.2 this
+  project is tested with) the search compiles with XLA's defaults rather than fail: jax
+  rejects an unknown option. `tests/test_xla_cpu.py` checks that it is in effect with the
+  tested jax.
   """
   import jax
 

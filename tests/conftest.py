@@ -13,6 +13,12 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 ).strip()
 
+import decomp  # noqa: E402
+
+# The suite runs whole-network decompositions on CPU: opt in to the XLA CPU runtime-hang
+# workaround before jax starts (decomp's import sets nothing by itself).
+decomp.avoid_cpu_runtime_hang()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

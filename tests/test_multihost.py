@@ -11,15 +11,14 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tnn
 from tests.test_train import _config
+from train import checkpoint, trainer
 from train import steps as steps_lib
-from train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -57,18 +56,15 @@ def _free_port() -> int:
 
 
 def _final_state(workdir):
-  """The last checkpoint's leaves, restored replicated over this process's 2 devices."""
+  """The last checkpoint's leaves, restored (checked) replicated over this process's 2
+  devices."""
   c = _config(("dense",), steps=STEPS)
   model = tnn.models.MODELS[c.model](4, rngs=nnx.Rngs(0), in_channels=1, **dict(c.model_kwargs))
   tx, _ = trainer.make_optimizer(dict(c.dense.opt), STEPS)
   _, state = steps_lib.init_state(model, tx, 0)
   rep = NamedSharding(jax.make_mesh((2,), ("data",)), P())
-  like = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep) for x in jax.tree.leaves(state)]
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "dense", "ckpt"))
-  step = mngr.latest_step()
-  leaves = mngr.restore(step, args=ocp.args.StandardRestore(like))
-  mngr.close()
-  return step, [np.asarray(x) for x in leaves]
+  state, step, _ = checkpoint.restore(os.path.join(workdir, "dense"), state, rep)
+  return step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
 def test_two_processes_train_like_one_with_two_devices(tmp_path):

@@ -337,13 +337,10 @@ def test_bad_plans_fail_before_training(tmp_path, edit, match):
 
 
 def _final_params(workdir):
-  import orbax.checkpoint as ocp
+  from train import checkpoint
 
-  d = os.path.join(workdir, "dense", "ckpt")
-  mngr = ocp.CheckpointManager(d)
-  leaves = mngr.restore(mngr.latest_step())
-  mngr.close()
-  return mngr.latest_step(), [np.asarray(x) for x in leaves]
+  step, arrays = checkpoint.latest_arrays(os.path.join(workdir, "dense"))
+  return step, [arrays[k] for k in sorted(arrays)]
 
 
 SCRIPT = """

@@ -1,24 +1,69 @@
-"""The XLA CPU runtime-hang workaround that importing `decomp` applies."""
+"""decomp's XLA CPU settings: nothing at import, an explicit opt-in, per-program FAST_COMPILE."""
 
+import importlib.metadata
+import json
 import os
+import subprocess
+import sys
 
-import decomp  # noqa: F401  (applies the workaround)
 from decomp import _xla_cpu
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def test_flag_in_effect_in_this_process():
-  # conftest imports jax but starts no backend before the tests import decomp.
-  assert _xla_cpu.IN_EFFECT
-  assert _xla_cpu.FLAG in os.environ["XLA_FLAGS"].split()
+_PROBE = r"""
+import json, os, sys
+import jax
+env0 = dict(os.environ)
+cfg0 = {k: str(v) for k, v in jax.config.values.items()}
+import decomp, tnn, train, train.run, train.steps, train.trainer, train.data, train.checkpoint
+cfg1 = {k: str(v) for k, v in jax.config.values.items()}
+out = dict(
+  env_changed=sorted(k for k in set(env0) | set(os.environ) if env0.get(k) != os.environ.get(k)),
+  config_changed=sorted(k for k in cfg0 if cfg0[k] != cfg1.get(k)),
+  backends_started=jax._src.xla_bridge.backends_are_initialized(),
+)
+if "--opt-in" in sys.argv:
+  out["opted_in"] = decomp.avoid_cpu_runtime_hang()
+  out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+print(json.dumps(out))
+"""
 
 
-def test_user_choice_is_kept(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", f"--{_xla_cpu.NAME}=true")
+def _probe(*args, **env_extra):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(PYTHONPATH=_ROOT, **env_extra)
+  out = subprocess.run(
+    [sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, check=True
+  )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_packages_changes_no_process_wide_state():
+  got = _probe()
+  assert got == dict(env_changed=[], config_changed=[], backends_started=False), got
+
+
+def test_the_opt_in_sets_the_flag_before_jax_starts_and_keeps_the_users_choice():
+  got = _probe("--opt-in")
+  assert got["opted_in"] and _xla_cpu.FLAG in got["xla_flags"].split()
+  got = _probe("--opt-in", XLA_FLAGS=f"--{_xla_cpu.NAME}=true")
+  assert not got["opted_in"] and got["xla_flags"] == f"--{_xla_cpu.NAME}=true"
+
+
+def test_the_opt_in_does_nothing_where_an_accelerator_plugin_is_installed(monkeypatch):
+  plugin = importlib.metadata.EntryPoint("xla_cuda13", "jax_plugins.xla_cuda13", "jax_plugins")
+  monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [plugin])
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "--foo")
   assert not _xla_cpu.avoid_cpu_runtime_hang()
-  assert os.environ["XLA_FLAGS"] == f"--{_xla_cpu.NAME}=true"
-  monkeypatch.setenv("XLA_FLAGS", f"--foo {_xla_cpu.FLAG}")
-  assert _xla_cpu.avoid_cpu_runtime_hang()
-  assert os.environ["XLA_FLAGS"] == f"--foo {_xla_cpu.FLAG}"
+  assert os.environ["XLA_FLAGS"] == "--foo"
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the user asked for the CPU: the plugin is moot
+  assert _xla_cpu._accelerator_jax() is False
+
+
+def test_the_suite_itself_runs_opted_in():
+  # conftest opts in before jax starts (the suite runs whole-network decompositions).
+  assert _xla_cpu.FLAG in os.environ["XLA_FLAGS"].split()
 
 
 def test_the_search_compiles_with_the_fast_compile_option_on_the_tested_jax():

@@ -34,7 +34,12 @@ __all__ = [
 ]
 
 
-def _conv(s, t, k, rngs, stride=1, bias=False, padding="SAME"):
+def _conv(s, t, k, rngs, stride=1, bias=False, padding=None):
+  # Symmetric k // 2 padding, as PyTorch's (torchvision, the CIFAR ResNets of the RSDTR
+  # authors): the same as 'SAME' at stride 1, but at stride 2 'SAME' pads (0, 1) and
+  # would misalign every pretrained PyTorch kernel by one pixel.
+  if padding is None:
+    padding = ((k // 2, k // 2), (k // 2, k // 2))
   return nnx.Conv(
     s,
     t,
@@ -205,7 +210,7 @@ class ImageNetStem(nnx.Module):
 
   def __call__(self, x):
     x = jax.nn.relu(self.bn(self.conv(x)))
-    return nnx.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    return nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # as torchvision
 
 
 def _imagenet_resnet(layers, bottleneck, num_classes, rngs, in_channels=3):

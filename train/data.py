@@ -429,12 +429,16 @@ def load(
     raise ValueError(f"data: image_size={image_size} is for tfds:<name> data sets; got {name!r}.")
   if name in ("fashion_mnist", "mnist"):
     return load_idx(name, data_dir)
+  if name == "synthetic":  # the tests' toy data set, through the CLI too
+    return synthetic()
   if name in _CIFAR:
     if not data_dir:
       raise ValueError(f"data: {name} needs data_dir= (the CIFAR binary folder or tarball).")
     return load_cifar(name, data_dir)
   raise ValueError(
-    f"data: unknown dataset {name!r}; allowed fashion_mnist, mnist, cifar10, cifar100, tfds:<name>."
+    f"data: unknown dataset {name!r}; allowed fashion_mnist, mnist, cifar10, cifar100, "
+    "tfds:<name>, "
+    "synthetic."
   )
 
 

@@ -44,7 +44,9 @@ from flax import nnx
 import tnn
 from train import data as data_lib
 from train import steps as steps_lib
+from train import teacher as teacher_lib
 from train import trainer
+from train import workdir as workdir_lib
 
 METHODS = ("dense", "deeptwist", "finetune", "seqkd", "e2ekd", "scratch")
 
@@ -104,6 +106,10 @@ def validate(config) -> None:
   if config.batch_size < 1:
     raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}.")
   trainer.check_batch(config.batch_size)
+  if config.get("resume") not in (None, "", "force"):
+    raise ValueError(f"config.resume: {config.resume!r}; allowed '' (refuse a mismatch), 'force'.")
+  if config.get("init_from") and not os.path.isfile(config.init_from):
+    raise ValueError(f"config.init_from: no file {config.init_from!r}.")
   if config.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.compute_dtype: {config.compute_dtype!r}; allowed float32, bfloat16.")
 
@@ -162,9 +168,39 @@ def _step_cfg(config, ds, **kw) -> steps_lib.StepConfig:
 
 
 def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
-  """Runs `config` in `workdir` (resuming what is there); returns the results rows."""
+  """Runs `config` in `workdir` (resuming what is there); returns the results rows.
+
+  The workdir is locked for the run (`train.workdir.lock`: a second run on it is refused),
+  and a config that does not match the workdir's earlier run is refused before any compute
+  (`train.workdir.check_config`; each phase also checks its checkpoint's fingerprint)."""
   validate(config)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:  # process 0 holds the lock and writes the record
+    return _run(config, workdir, dataset)
+  with workdir_lib.lock(workdir):
+    workdir_lib.check_config(workdir, config)
+    return _run(config, workdir, dataset)
+
+
+def build_model(config, ds) -> nnx.Module:
+  """The dense net of `config` for data set `ds`, initialised from `config.seed`."""
+  kwargs = dict(config.get("model_kwargs") or {})
+  return tnn.models.MODELS[config.model](
+    ds.num_classes, rngs=nnx.Rngs(config.seed), in_channels=ds.train.image_shape[2], **kwargs
+  )
+
+
+def _file_digest(path: str) -> str:
+  import hashlib
+
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()[:16]
+
+
+def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
   ds = dataset
   if ds is None:
     ds = data_lib.load(
@@ -179,10 +215,24 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
     *((config.pad_to,) * 2 if config.get("pad_to") else image_shape[:2]),
     image_shape[2],
   )
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=1))
+  init_from = config.get("init_from") or ""
+  # What shapes every phase of this run (each phase adds its own settings).
+  run_fp = dict(
+    model=config.model,
+    model_kwargs=dict(config.get("model_kwargs") or {}),
+    dataset=config.dataset,
+    image_size=config.get("image_size", 0),
+    pad_to=config.get("pad_to"),
+    augment=dict(config.augment),
+    label_smoothing=config.label_smoothing,
+    compute_dtype=config.compute_dtype,
+    init_from=_file_digest(init_from) if init_from else "",
+  )
+  dense_key = trainer.fingerprint_of(
+    dict(run_fp, dense=config.dense.to_dict(), batch_size=config.batch_size, seed=config.seed)
+  )
 
-  def common(name):
+  def common(name, **fp):
     c = config[name]
     return dict(
       opt=dict(c.opt),
@@ -192,6 +242,8 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
       checkpoint_every=config.checkpoint_every,
       keep=config.keep,
       log_every=config.log_every,
+      resume=config.get("resume") or "",
+      fingerprint=dict(run=run_fp, section=c.to_dict(), **fp),
     )
 
   def evaluate(model):
@@ -221,11 +273,10 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
     return row
 
   t0 = time.time()
-  kwargs = dict(config.get("model_kwargs") or {})
-  dense = tnn.models.MODELS[config.model](
-    ds.num_classes, rngs=nnx.Rngs(config.seed), in_channels=image_shape[2], **kwargs
-  )
+  dense = build_model(config, ds)
   check_plans(config, dense)
+  if init_from:
+    dense = teacher_lib.init_from(dense, config.model, init_from)
   dense = trainer.run_phase(
     "dense", workdir, dense, ds, cfg=_step_cfg(config, ds), **common("dense")
   )
@@ -240,6 +291,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
     plan = tnn.make_plan(dense, c.method, **_plan_kwargs(c))
     with open(os.path.join(workdir, f"plan_{method}.json"), "w") as f:
       f.write(plan.to_json())
+    child = dict(parent=dense_key, plan=plan.to_json())
     tag = (
       dict(kind=kind, method_detail=c.method) if kind != method else dict(method_detail=c.method)
     )
@@ -253,7 +305,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
         sd = min(est.sd, c.sd_max) if c.get("sd_max") else est.sd  # sd_max: a run's length
       steps = math.ceil(c.steps / sd) * sd  # the last step is a distortion
       cfg = _step_cfg(config, ds, sd=sd, groups=groups)
-      com = common(method) | {"steps": steps}
+      com = common(method, **child) | {"steps": steps}
       trained = trainer.run_phase(method, workdir, nnx.clone(dense), ds, cfg=cfg, **com)
       extra["accuracy_last_distortion"] = evaluate(trained)
       if c.get("bn_batches", 0):
@@ -287,7 +339,13 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
         temperature=c.get("temperature", 4.0),
       )
       final = trainer.run_phase(
-        method, workdir, student, ds, cfg=cfg, teacher=dense if kd else None, **common(method)
+        method,
+        workdir,
+        student,
+        ds,
+        cfg=cfg,
+        teacher=dense if kd else None,
+        **common(method, **child),
       )
       record(method, final, t0, **tag, **extra)
     elif kind == "seqkd":
@@ -296,7 +354,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
       blocks = sorted({int(p.split(".")[1]) for p in plan.paths if p.startswith("blocks.")})
       for b in blocks:
         cfg = _step_cfg(config, ds, loss="block", block=b)
-        com = common(method) | {"steps": c.block_steps}
+        com = common(method, **child) | {"steps": c.block_steps}
         student = trainer.run_phase(
           f"{method}_block{b}", workdir, student, ds, cfg=cfg, teacher=dense, mask_block=b, **com
         )
@@ -304,7 +362,7 @@ def run(config, workdir: str, dataset: data_lib.Dataset | None = None) -> list:
         cfg = _step_cfg(
           config, ds, loss="kd", alpha=c.get("alpha", 0.9), temperature=c.get("temperature", 4.0)
         )
-        com = common(method) | {"steps": c.e2e_steps}
+        com = common(method, **child) | {"steps": c.e2e_steps}
         student = trainer.run_phase(
           f"{method}_e2e", workdir, student, ds, cfg=cfg, teacher=dense, **com
         )
@@ -358,14 +416,36 @@ def print_table(rows) -> None:
     )
 
 
+def read_metrics(path: str) -> tuple[list, int]:
+  """The rows of a metrics file that parse as JSON objects, and how many did not."""
+  rows, bad = [], 0
+  if not os.path.exists(path):
+    return rows, bad
+  with open(path, errors="replace") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        bad += 1
+        continue
+      if isinstance(row, dict) and "phase" in row:
+        rows.append(row)
+      else:
+        bad += 1
+  return rows, bad
+
+
 def plots(workdir: str, rows: list) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    metrics = [json.loads(line) for line in f]
+  metrics, bad = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  if bad:
+    print(f"metrics.jsonl: {bad} unreadable line(s) skipped in the plots")
   fig, ax = plt.subplots(figsize=(7, 4))
   for phase in sorted({m["phase"] for m in metrics}):
     pts = [(m["step"], m["accuracy"]) for m in metrics if m["phase"] == phase and "accuracy" in m]

@@ -1,15 +1,23 @@
 """One training phase (dense, deeptwist, finetune, seqkd, e2ekd, scratch) with checkpoints.
 
-`run_phase` owns the loop: restore the latest checkpoint of its folder if there is one
-(else start from the state it is given), take jitted steps, log JSON lines, checkpoint
-every `checkpoint_every` steps (orbax: atomic, last N kept) and at the end. A run killed at
-any moment and started again resumes from its last checkpoint, and, because the batch
-order and the augmentation keys are functions of the step and the saved key, ends with
-the same parameters as an uninterrupted run.
+`run_phase` owns the loop: restore the newest good checkpoint of its folder if there is
+one (else start from the state it is given), take jitted steps, log JSON lines,
+checkpoint every `checkpoint_every` steps and at the end (`train.checkpoint`: named,
+checksummed arrays, written atomically, last N kept). A run killed at any moment and
+started again resumes from its last checkpoint, and, because the batch order and the
+augmentation keys are functions of the step and the saved key, ends with the same
+parameters as an uninterrupted run.
+
+Every checkpoint records the phase's fingerprint: everything that shapes its state or its
+result (model, plan, optimizer and schedule, steps, batch size, seed, the step's
+settings, and the fingerprint of the phase it started from). A checkpoint whose
+fingerprint differs from the one the phase would have now is refused before any step
+(`ConfigMismatch`), unless `resume="force"`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -22,13 +30,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import steps as steps_lib
+
+
+class ConfigMismatch(ValueError):
+  """A resumed phase whose checkpoint was made under other settings."""
+
+
+def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """`key: old -> new` for every leaf key where two fingerprints differ."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += fingerprint_diff(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {_short(a)} -> {_short(b)}")
+  return out
+
+
+def _short(v) -> str:
+  s = json.dumps(v)
+  return s if len(s) <= 80 else s[:77] + "..."
+
+
+def fingerprint_of(tree) -> str:
+  """A short stable hash of a JSON-able tree (a phase's fingerprint, for its children)."""
+  import hashlib
+
+  blob = json.dumps(tree, sort_keys=True, default=str).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def make_optimizer(opt: dict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
@@ -60,7 +97,8 @@ class Logger:
 
   def __init__(self, path: str, phase: str, total: int):
     # One writer: with several processes (jax.distributed) only process 0 logs.
-    self.f = open(path, "a") if jax.process_index() == 0 else open(os.devnull, "w")
+    self.path = path if jax.process_index() == 0 else os.devnull
+    self.f = open(self.path, "a")
     self.phase, self.total = phase, total
     self.tty = sys.stderr.isatty() and jax.process_index() == 0
 
@@ -68,6 +106,11 @@ class Logger:
     for k, v in row.items():
       if isinstance(v, float) and not np.isfinite(v):
         raise FloatingPointError(f"{self.phase}: {k} is {v} at step {row.get('step')}.")
+    if self.path != os.devnull and not os.path.exists(self.path):
+      # The log was deleted or moved while the run went on: start a new one, and say so.
+      self.f.close()
+      self.f = open(self.path, "a")
+      print(f"[{self.phase}] {self.path} was gone; reopened", file=sys.stderr, flush=True)
     self.f.write(json.dumps({"phase": self.phase, **row}) + "\n")
     self.f.flush()
     if self.tty:
@@ -207,9 +250,14 @@ def run_phase(
   keep: int = 2,
   log_every: int = 50,
   stop_after: int | None = None,
+  fingerprint: dict | None = None,
+  resume: str = "",
 ) -> nnx.Module:
   """Trains `model` for `steps` steps in `workdir/name`; returns the trained model.
 
+  `fingerprint`: what the caller knows shapes this phase (model, plan, parent phase); the
+  optimizer, steps, batch size, seed and step settings are added here. `resume="force"`
+  continues from a checkpoint whose fingerprint differs (the caller records that).
   `stop_after` (tests) stops the loop after that many steps of this invocation, as a kill
   would, leaving the checkpoints as they are.
   """
@@ -219,18 +267,39 @@ def run_phase(
   tx, sched = make_optimizer(opt, steps)
   graphdef, state = steps_lib.init_state(model, tx, seed)
   state = jax.tree.map(jnp.copy, state)  # the step donates its state; `model` stays usable
-  leaves, treedef = jax.tree.flatten(state)
-  mngr = ocp.CheckpointManager(
-    os.path.join(folder, "ckpt"),
-    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+  fp = json.loads(
+    json.dumps(
+      dict(
+        fingerprint or {},
+        phase=name,
+        opt=dict(opt),
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        mask_block=mask_block,
+        step_config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "groups"}
+        | {"groups": [[str(lp), list(paths)] for lp, paths in cfg.groups]},
+        state_shapes={k: list(v.shape) for k, v in ckpt_lib.named_leaves(state).items()},
+      ),
+      default=str,
+    )
   )
-  latest = mngr.latest_step()
-  if latest is not None:
-    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-    restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-    state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in restored])
   mesh = _mesh()
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  restored = ckpt_lib.restore(folder, state, replicated)
+  if restored is not None:
+    state, at, old_fp = restored
+    diff = fingerprint_diff(old_fp or {}, fp)
+    if diff and resume != "force":
+      shown = diff[:6] + ([f"and {len(diff) - 6} more"] if len(diff) > 6 else [])
+      raise ConfigMismatch(
+        f"phase {name!r} in {folder} was checkpointed (step {at}) under other settings: "
+        + "; ".join(shown)
+        + ". Use a new --workdir, or --config.resume=force to continue from it anyway "
+        "(recorded in the workdir)."
+      )
+    if diff:
+      print(f"[{name}] resumed under changed settings (resume=force): {'; '.join(diff)}")
   state = jax.device_put(state, replicated)
   mask = None
   if mask_block is not None:
@@ -276,10 +345,18 @@ def run_phase(
         logger.log(row)
         t0, seen = time.time(), 0
       if done % checkpoint_every == 0 or done == steps:
-        mngr.save(done, args=ocp.args.StandardSave(jax.tree.leaves(state)))
-    mngr.wait_until_finished()
+        try:
+          ckpt_lib.save(folder, done, state, fp, keep=keep)
+        except ckpt_lib.NonFiniteState:
+          good = ckpt_lib.steps_on_disk(folder)
+          raise FloatingPointError(
+            f"{name}: the state is not finite (NaN or Inf) at step {done}; it was not "
+            f"saved. The newest checkpoint of this phase is "
+            f"{'step ' + str(good[0]) if good else 'none (the phase starts over)'}; rerun "
+            "with a lower learning rate (and --config.resume=force to continue from that "
+            "checkpoint under the new setting)."
+          ) from None
   finally:
     reader.shutdown(cancel_futures=True)
-    mngr.close()
     logger.close()
   return nnx.merge(graphdef, state.params, state.rest)

@@ -1,0 +1,224 @@
+"""Nothing silent: every probe is a real CLI process on a real workdir, with real damage.
+
+Corrupt checkpoints fall back to the newest good one (and resume to the same bits),
+a workdir refuses a config it was not run with, a non-finite state is never saved, one
+run at a time holds a workdir, and the metrics log survives deletion and junk.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests.test_train import _config
+
+
+def get_config(arg=None):
+  c = _config(("dense",), steps={steps})
+  c.checkpoint_every, c.log_every = {every}, {log}
+  c.init_from, c.resume = "", ""
+  return c
+"""
+
+
+def _cli(tmp_path, workdir, *overrides, steps=30, every=10, log=5, wait=True):
+  cfg = tmp_path / f"cfg_{steps}_{every}_{log}.py"
+  cfg.write_text(CONFIG.format(repo=REPO, steps=steps, every=every, log=log))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "train", "--config", str(cfg), "--workdir", str(workdir)]
+  cmd += list(overrides)
+  if not wait:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _params(workdir):
+  step, arrays = checkpoint.latest_arrays(os.path.join(workdir, "dense"))
+  return step, arrays
+
+
+def _one_clear_line(proc, *needles):
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  for n in needles:
+    assert n in errors[0], errors[0]
+  return errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """One uninterrupted 30-step run (checkpoints at 20 and 30 kept)."""
+  root = tmp_path_factory.mktemp("reliability")
+  proc = _cli(root, root / "full")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert checkpoint.steps_on_disk(str(root / "full" / "dense")) == [30, 20]
+  return root
+
+
+def _flip_bytes(step_dir):
+  p = step_dir / "arrays.npz"
+  b = bytearray(p.read_bytes())
+  mid = len(b) // 2
+  b[mid : mid + 64] = bytes(x ^ 0xFF for x in b[mid : mid + 64])
+  p.write_bytes(bytes(b))
+
+
+def _truncate(step_dir):
+  p = step_dir / "arrays.npz"
+  p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _junk_meta(step_dir):
+  (step_dir / "meta.json").write_bytes(os.urandom(200))
+
+
+def _zero_files(step_dir):
+  for f in step_dir.iterdir():
+    f.write_bytes(b"")
+
+
+def _empty_folder(step_dir):
+  for f in step_dir.iterdir():
+    f.unlink()
+
+
+@pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _junk_meta, _zero_files, _empty_folder])
+def test_a_corrupt_latest_checkpoint_is_skipped_and_the_run_ends_the_same(finished, damage):
+  work = finished / f"damaged_{damage.__name__}"
+  shutil.copytree(finished / "full", work)
+  damage(work / "dense" / "ckpt" / "30")
+  proc = _cli(finished, work)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  skipped = [ln for ln in proc.stderr.splitlines() if "skipped" in ln]
+  assert len(skipped) == 1 and "ckpt/30 skipped" in skipped[0], proc.stderr[-2000:]
+  s1, a = _params(finished / "full")
+  s2, b = _params(work)
+  assert s1 == s2 == 30 and a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # retrained 20 -> 30, bitwise
+
+
+def test_no_good_checkpoint_is_one_message_and_exit_2(finished):
+  work = finished / "all_bad"
+  shutil.copytree(finished / "full", work)
+  _flip_bytes(work / "dense" / "ckpt" / "30")
+  _junk_meta(work / "dense" / "ckpt" / "20")
+  proc = _cli(finished, work)
+  _one_clear_line(proc, "no usable checkpoint", str(work / "dense"), "Delete that phase folder")
+
+
+def test_a_changed_config_is_refused_before_compute_and_the_record_kept(finished):
+  work = finished / "changed"
+  shutil.copytree(finished / "full", work)
+  before = (work / "config.json").read_text()
+  proc = _cli(finished, work, "--config.batch_size=16")
+  _one_clear_line(proc, "batch_size: 32 -> 16", "--config.resume=force")
+  assert (work / "config.json").read_text() == before
+  proc = _cli(finished, work, "--config.dense.steps=20")
+  _one_clear_line(proc, "dense.steps: 30 -> 20")
+  proc = _cli(finished, work, "--config.seed=3")
+  _one_clear_line(proc, "seed: 0 -> 3")
+  # Settings that change neither a state nor a result pass, and are recorded.
+  proc = _cli(finished, work, log=7)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  change = json.loads((work / "config_changes.jsonl").read_text().splitlines()[-1])
+  assert change["forced"] is False and any("log_every" in c for c in change["changes"])
+  # An explicit override is recorded as such.
+  proc = _cli(finished, work, "--config.batch_size=16", "--config.resume=force")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  change = json.loads((work / "config_changes.jsonl").read_text().splitlines()[-1])
+  assert change["forced"] is True and any("batch_size" in c for c in change["changes"])
+  assert json.loads((work / "config.json").read_text())["batch_size"] == 16
+
+
+def test_a_phase_trained_from_another_dense_net_is_refused(finished):
+  """The record gone, the dense folder deleted and retrained at another seed: the finetune
+  phase was trained from the old dense net, and its fingerprint (which names its parent)
+  refuses it rather than reporting it as the new net's."""
+  work = finished / "parent"
+  methods = "--config.methods=dense,finetune"
+  proc = _cli(finished, work, methods, "--config.finetune.steps=4", steps=10, every=5)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  shutil.rmtree(work / "dense")
+  (work / "config.json").unlink()
+  proc = _cli(
+    finished, work, methods, "--config.finetune.steps=4", "--config.seed=3", steps=10, every=5
+  )
+  _one_clear_line(proc, "phase 'finetune'", "parent")
+
+
+def test_a_non_finite_state_is_never_saved_and_a_rerun_is_not_stuck(finished):
+  work = finished / "nan"
+  # checkpoint_every (4) is not a multiple of log_every (7): the check must run at saves.
+  proc = _cli(finished, work, "--config.dense.opt.lr=1e30", every=4, log=7)
+  _one_clear_line(proc, "not finite")
+  for step in checkpoint.steps_on_disk(str(work / "dense")):
+    with np.load(work / "dense" / "ckpt" / str(step) / "arrays.npz") as z:
+      assert all(np.all(np.isfinite(z[k])) for k in z.files if z[k].dtype.kind == "f"), step
+  # A sane rerun (forced past the changed learning rate) finishes.
+  proc = _cli(finished, work, "--config.resume=force", every=4, log=7)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  step, arrays = _params(work)
+  assert step == 30 and all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
+
+
+def test_one_writer_per_workdir_and_a_killed_holder_leaves_no_stale_lock(finished):
+  work = finished / "locked"
+  first = _cli(finished, work, steps=2000, every=1000, log=5, wait=False)
+  metrics = work / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+    time.sleep(0.1)
+  try:
+    second = _cli(finished, work, steps=2000, every=1000, log=5)
+    _one_clear_line(second, "in use by another run", f'"pid": {first.pid}')
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+  third = _cli(finished, work, steps=2000, every=1000, log=5, wait=False)
+  try:
+    deadline, n0 = time.time() + 240, len(metrics.read_text().splitlines())
+    while time.time() < deadline and len(metrics.read_text().splitlines()) <= n0:
+      assert third.poll() is None, third.communicate()[1][-2000:]
+      time.sleep(0.1)
+    assert len(metrics.read_text().splitlines()) > n0  # it took the lock and trains
+  finally:
+    third.send_signal(signal.SIGKILL)
+    third.communicate()
+
+
+def test_a_deleted_metrics_log_is_reopened_and_junk_lines_are_skipped(finished):
+  work = finished / "metrics"
+  proc = _cli(finished, work, steps=400, every=400, log=5, wait=False)
+  metrics = work / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (
+    metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+  ):
+    time.sleep(0.05)
+  metrics.unlink()
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  assert "was gone; reopened" in err
+  rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+  assert rows[-1].get("event") == "result" and any(r.get("step") == 400 for r in rows)
+  with open(metrics, "a") as f:
+    f.write("{not json\n")
+  proc = _cli(finished, work, steps=400, every=400, log=5)  # finished: re-evaluates, plots
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "1 unreadable line(s) skipped" in proc.stdout
+  assert (work / "accuracy_vs_step.png").exists()

@@ -1,0 +1,199 @@
+"""Trained dense nets kept as files: parameters and BatchNorm statistics by name, in `.npz`.
+
+A teacher file holds one array per model variable, under `params/<path>` (`nnx.Param`)
+and `rest/<path>` (BatchNorm running statistics), and `__meta__`: a JSON record (model,
+its keyword arguments, data set, test accuracy, the command, machine and date that made
+it, and a SHA-256 of every array). `load_into(model, path)` fills a model of the same
+architecture; any missing, unexpected or mis-shaped entry, or a checksum that does not
+match, is a `ValueError` naming the entry (and both shapes).
+
+  python -m train.teacher --workdir DIR --out teachers/NAME.npz --command "..." [--note TEXT]
+
+exports the dense phase of a finished run (its newest good checkpoint) with the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train import checkpoint as ckpt_lib
+from train import steps as steps_lib
+
+SLICE = 2000  # the first test images, whose accuracy the tests check against the record
+
+
+def _named(model: nnx.Module) -> dict:
+  _, params, rest = steps_lib.split_model(model)
+  out = {}
+  for prefix, tree in (("params", params), ("rest", rest)):
+    for k, v in ckpt_lib.named_leaves(tree).items():
+      out[f"{prefix}/{k}"] = v
+  return out
+
+
+def _sha(a: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def save(model: nnx.Module, path: str, meta: dict) -> None:
+  """Writes `model`'s variables and `meta` (plus checksums) to `path` (atomic rename)."""
+  arrays = {k: np.asarray(jax.device_get(v)) for k, v in _named(model).items()}
+  meta = dict(meta, arrays={k: [list(a.shape), a.dtype.str, _sha(a)] for k, a in arrays.items()})
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.savez_compressed(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
+  os.replace(tmp, path)
+
+
+def read(path: str) -> tuple[dict, dict]:
+  """`(arrays, meta)` of a teacher file, checksums verified."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      meta = json.loads(str(z["__meta__"]))
+      arrays = {k: z[k] for k in z.files if k != "__meta__"}
+  except FileNotFoundError:
+    raise ValueError(f"init_from: no file {path!r}.") from None
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"init_from: {path} is not a readable teacher file ({e}).") from None
+  recorded = meta.get("arrays", {})
+  for k, a in arrays.items():
+    if k not in recorded or _sha(a) != recorded[k][2]:
+      raise ValueError(f"init_from: {path}: entry {k!r} does not match its checksum.")
+  return arrays, meta
+
+
+TORCHVISION = ("resnet18", "resnet34", "resnet50")
+CIFAR_RESNETS = ("resnet20", "resnet32", "resnet56")
+
+
+def init_from(model: nnx.Module, model_name: str, path: str) -> nnx.Module:
+  """`config.init_from`: a teacher `.npz` (`load_into`), or PyTorch weights (`.safetensors`,
+  `.pth`, `.pt`) for torchvision's ImageNet ResNets and the RSDTR authors' CIFAR ResNets
+  (`tnn.weights`)."""
+  if path.endswith(".npz"):
+    return load_into(model, path)
+  from tnn import weights
+
+  sd = weights.read_state_dict(path)
+  try:
+    if model_name in TORCHVISION:
+      return weights.from_torchvision(model, sd)
+    if model_name in CIFAR_RESNETS:
+      return weights.from_cifar_resnet(model, sd)
+  except ValueError as e:
+    raise ValueError(f"init_from: {path}: {e}") from None
+  raise ValueError(
+    f"init_from: PyTorch weights are read for {TORCHVISION + CIFAR_RESNETS}, not {model_name!r}; "
+    "use a teacher .npz (python -m train.teacher)."
+  )
+
+
+def load_into(model: nnx.Module, path: str) -> nnx.Module:
+  """`model` with every variable replaced by the teacher file's (in place; returned)."""
+  arrays, _ = read(path)
+  want = _named(model)
+  missing, unexpected = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
+  if missing or unexpected:
+    raise ValueError(
+      f"init_from: {path} does not fit this model: missing {missing[:5]}"
+      f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+      f"{' ...' if len(unexpected) > 5 else ''}."
+    )
+  for k, v in want.items():
+    if tuple(arrays[k].shape) != tuple(v.shape):
+      raise ValueError(
+        f"init_from: {path}: entry {k!r} has shape {tuple(arrays[k].shape)}, the model's "
+        f"is {tuple(v.shape)}."
+      )
+  graphdef, params, rest = steps_lib.split_model(model)
+
+  def fill(prefix, tree):
+    names = list(ckpt_lib.named_leaves(tree))
+    leaves, treedef = jax.tree.flatten(tree)
+    new = [
+      jnp.asarray(arrays[f"{prefix}/{n}"], dtype=x.dtype)
+      for n, x in zip(names, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, new)
+
+  nnx.update(model, fill("params", params), fill("rest", rest))
+  return model
+
+
+def _machine() -> str:
+  cpu = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return f"{os.cpu_count()}-core {platform.machine()} {cpu}".strip()
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--command", required=True, help="the training command, for the record")
+  p.add_argument("--note", default="")
+  a = p.parse_args(argv)
+  import ml_collections
+
+  from train import data as data_lib
+  from train import run as run_lib
+  from train import trainer
+
+  with open(os.path.join(a.workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  ds = data_lib.load(config.dataset, config.get("data_dir") or None)
+  model = run_lib.build_model(config, ds)
+  tx, _ = trainer.make_optimizer(dict(config.dense.opt), config.dense.steps)
+  _, state = steps_lib.init_state(model, tx, config.seed)
+  rep = jax.sharding.NamedSharding(trainer._mesh(), jax.sharding.PartitionSpec())
+  restored = ckpt_lib.restore(os.path.join(a.workdir, "dense"), state, rep)
+  if restored is None:
+    sys.exit(f"error: no checkpoint in {a.workdir}/dense")
+  state, step, _ = restored
+  graphdef = nnx.graphdef(model)
+  model = nnx.merge(graphdef, state.params, state.rest)
+  cfg = run_lib._step_cfg(config, ds)
+  acc = trainer.evaluate(graphdef, state.params, state.rest, ds.test, cfg)
+  head = data_lib.Split(ds.test.images[:SLICE], ds.test.labels[:SLICE])
+  acc_slice = trainer.evaluate(graphdef, state.params, state.rest, head, cfg)
+  meta = dict(
+    model=config.model,
+    model_kwargs=dict(config.get("model_kwargs") or {}),
+    dataset=config.dataset,
+    pad_to=config.get("pad_to"),
+    steps=int(step),
+    test_accuracy=acc,
+    test_accuracy_first=dict(images=SLICE, accuracy=acc_slice),
+    command=a.command,
+    machine=_machine(),
+    date=time.strftime("%F", time.gmtime()),
+    note=a.note,
+  )
+  save(model, a.out, meta)
+  print(json.dumps({k: v for k, v in meta.items() if k != "arrays"}))
+
+
+if __name__ == "__main__":
+  main()
