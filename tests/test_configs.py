@@ -27,6 +27,8 @@ CASES = [
   ("teachers", "resnet20"),
   ("teachers", "cnn"),
   ("teachers", "lenet5"),
+  ("fidelity_cnn", None),
+  ("demo", "pretrain"),
 ]
 
 

@@ -23,7 +23,13 @@ DeepTwist's `sd` is given, or estimated from the dense net with `sd_rule="quadra
 `sd_max` (0: none) caps the SD used, for runs shorter than the estimate (the rounded-up
 step count is a multiple of SD, so an uncapped large estimate lengthens a short run).
 After the last distortion the BatchNorm statistics are recomputed at the distorted
-weights (`bn_batches` batches; 0 keeps them) before conversion.
+weights (`bn_batches` batches; 0 keeps them) before conversion. For the methods that
+start from a decomposition (`finetune`, `seqkd`, `e2ekd`), `bn_batches` recomputes them
+right after it, before any training.
+
+`config.init_from` starts the dense net from a file (a kept teacher `.npz`, or PyTorch
+weights of a ResNet: `train.teacher.init_from`); `dense.steps` then trains it further
+(0: use it as it is).
 
 Every phase checkpoints in `workdir/<phase>/ckpt`; running the same command again
 resumes. Results: `workdir/results.json` (rows `method, params, macs, test_accuracy`, ...),
@@ -97,8 +103,8 @@ def validate(config) -> None:
         raise ValueError(f"config.{m}.sd_recover must be in (0, 1), got {sub.sd_recover}.")
       if sub.get("sd_max", 0) < 0:
         raise ValueError(f"config.{m}.sd_max must be >= 0 (0: no cap), got {sub.sd_max}.")
-      if sub.get("bn_batches", 0) < 0:
-        raise ValueError(f"config.{m}.bn_batches must be >= 0, got {sub.bn_batches}.")
+    if sub is not None and sub.get("bn_batches", 0) < 0:
+      raise ValueError(f"config.{m}.bn_batches must be >= 0, got {sub.bn_batches}.")
   if config.model not in tnn.models.MODELS:
     raise ValueError(
       f"config.model: unknown {config.model!r}; allowed {sorted(tnn.models.MODELS)}."
@@ -252,6 +258,24 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
 
   rows = []
 
+  def _recalibrated(student, c, extra):
+    """A decomposed net, its BatchNorm statistics recomputed at its new weights when the
+    section asks (`bn_batches`): the dense net's statistics no longer fit the
+    factorized convs' outputs. Records the accuracy before and after."""
+    extra["accuracy_after_decomposition"] = evaluate(student)
+    if not c.get("bn_batches", 0):
+      return student
+    student = trainer.recalibrate_bn(
+      student,
+      ds.train,
+      _step_cfg(config, ds),
+      batches=c.bn_batches,
+      batch_size=config.batch_size,
+      seed=config.seed,
+    )
+    extra["accuracy_after_bn_recalibration"] = evaluate(student)
+    return student
+
   def record(method, model, t0, **extra):
     rep = tnn.report(model, in_shape)
     row = dict(
@@ -323,13 +347,11 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
       final = tnn.compress(trained, plan)
       record(method, final, t0, **tag, sd=sd, steps=steps, **extra)
     elif kind in ("finetune", "e2ekd", "scratch"):
+      extra = {}
       if kind == "scratch":
         student = tnn.factorize_random(dense, plan, nnx.Rngs(config.seed + 1))
       else:
-        student = tnn.compress(dense, plan)
-      extra = {}
-      if kind == "finetune":
-        extra["accuracy_after_decomposition"] = evaluate(student)
+        student = _recalibrated(tnn.compress(dense, plan), c, extra)
       kd = kind == "e2ekd"
       cfg = _step_cfg(
         config,
@@ -349,8 +371,8 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
       )
       record(method, final, t0, **tag, **extra)
     elif kind == "seqkd":
-      student = tnn.compress(dense, plan)
-      acc0 = evaluate(student)
+      extra = {}
+      student = _recalibrated(tnn.compress(dense, plan), c, extra)
       blocks = sorted({int(p.split(".")[1]) for p in plan.paths if p.startswith("blocks.")})
       for b in blocks:
         cfg = _step_cfg(config, ds, loss="block", block=b)
@@ -366,7 +388,7 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
         student = trainer.run_phase(
           f"{method}_e2e", workdir, student, ds, cfg=cfg, teacher=dense, **com
         )
-      record(method, student, t0, **tag, accuracy_after_decomposition=acc0)
+      record(method, student, t0, **tag, **extra)
 
   if jax.process_index() != 0:  # one writer under jax.distributed
     return rows

@@ -1,0 +1,206 @@
+"""The fidelity study: each study config run for several seeds, rows collected, a table, a
+plot and the effect sizes of the papers' claims.
+
+  PYTHONPATH=. python -m benchmarks.fidelity --study cnn --seeds 0,1,2
+  PYTHONPATH=. python -m benchmarks.fidelity --study cnn --report-only
+
+Each (study, seed) is one CLI run (`python -m train --config train/configs/fidelity_<study>.py
+--workdir ROOT/<study>/seed<S> --config.seed=S`), which resumes a workdir left by a
+stopped run. As each seed finishes, its rows go to `benchmarks/results/fidelity-<study>.json`
+(method, net, seed, params, MACs, conv share, test accuracy, steps, wall time, command,
+machine, date), replacing earlier rows of the same (method, seed). `--set KEY=VALUE`
+and `--arg ARG` (the config's argument, e.g. `steps=40`) change the runs, for a check of the
+script at a tiny length; such rows are written to `fidelity-<study>-check.json` instead.
+
+The report: mean and sample std over seeds per method, and for each pair of arms that a
+claim compares (`CLAIMS`), the difference of the means against the pooled seed std.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from benchmarks import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NETS = {"cnn": "cnn (Fashion-MNIST, teachers/cnn_fmnist.npz)"}
+
+# (claim, arm that should win, arm it is compared with)
+CLAIMS = {
+  "cnn": [
+    (
+      "DeepTwist beats decomposed training at equal ranks (Tucker-2)",
+      "deeptwist_tucker2",
+      "tucker2",
+    ),
+    ("DeepTwist beats decomposed training at equal ranks (lowered SVD)", "deeptwist_svd", "svd"),
+  ],
+}
+
+
+def _rows_path(study: str, check: bool) -> str:
+  return os.path.join(
+    REPO, "benchmarks", "results", f"fidelity-{study}{'-check' if check else ''}.json"
+  )
+
+
+def _load(path: str) -> list:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_seed(study: str, seed: int, root: str, overrides: list[str], arg: str = "") -> list:
+  workdir = os.path.join(root, study + (f"-{arg}" if arg else ""), f"seed{seed}")
+  cmd = [
+    sys.executable, "-m", "train",
+    "--config", f"train/configs/fidelity_{study}.py" + (f":{arg}" if arg else ""),
+    "--workdir", workdir,
+    f"--config.seed={seed}",
+    *(f"--config.{o}" for o in overrides),
+  ]  # fmt: skip
+  t0 = time.time()
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run(cmd, cwd=REPO, env=env)
+  if proc.returncode:
+    raise SystemExit(f"fidelity: {' '.join(cmd)} failed with exit code {proc.returncode}")
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  shown = " ".join(c if c != sys.executable else "python" for c in cmd)
+  rows = []
+  for r in results:
+    sec = config.get(r["method"], {})
+    rows.append(
+      dict(
+        study=study,
+        net=NETS.get(study, study),
+        method=r["method"],
+        kind=r.get("kind", r["method"]),
+        decomposition=r.get("method_detail"),
+        seed=seed,
+        params=r["params"],
+        macs=r["macs"],
+        conv_ratio=r["conv_ratio"],
+        test_accuracy=r["test_accuracy"],
+        steps=r.get("steps", sec.get("steps")),
+        wall_s=r["wall_s"],
+        extra={k: v for k, v in r.items() if k.startswith(("accuracy_", "sd"))},
+        command=shown,
+        machine=common.device_name(),
+        date=time.strftime("%F", time.gmtime()),
+      )
+    )
+  print(f"fidelity: {study} seed {seed} done in {time.time() - t0:.0f} s", flush=True)
+  return rows
+
+
+def summary(rows: list) -> dict:
+  by = {}
+  for r in rows:
+    by.setdefault(r["method"], []).append(r)
+  out = {}
+  for m, rs in by.items():
+    acc = [r["test_accuracy"] for r in rs]
+    out[m] = dict(
+      n=len(acc),
+      mean=statistics.fmean(acc),
+      std=statistics.stdev(acc) if len(acc) > 1 else 0.0,
+      conv_ratio=statistics.fmean(r["conv_ratio"] for r in rs),
+      params=rs[0]["params"],
+    )
+  return out
+
+
+def verdicts(study: str, s: dict) -> list:
+  out = []
+  for claim, a, b in CLAIMS.get(study, []):
+    if a not in s or b not in s:
+      continue
+    d = s[a]["mean"] - s[b]["mean"]
+    pooled = ((s[a]["std"] ** 2 + s[b]["std"] ** 2) / 2) ** 0.5
+    if min(s[a]["n"], s[b]["n"]) < 2:
+      word = "inconclusive (one seed)"
+    elif abs(d) <= 2 * pooled:
+      word = "inconclusive (|difference| within 2 seed std)"
+    else:
+      word = "reproduced" if d > 0 else "not reproduced (the other arm is better)"
+    out.append(dict(claim=claim, a=a, b=b, difference=d, pooled_std=pooled, verdict=word))
+  return out
+
+
+def plot(study: str, s: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  teacher = s.get("dense")
+  for m, v in sorted(s.items()):
+    if m == "dense":
+      continue
+    ax.errorbar(
+      100 * v["conv_ratio"], 100 * v["mean"], yerr=100 * v["std"], fmt="o", capsize=3, label=m
+    )
+  if teacher:
+    ax.axhline(100 * teacher["mean"], color="k", lw=1, ls="--", label="teacher (dense)")
+  ax.set_xlabel("conv parameters kept (%)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"fidelity study: {study}")
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--study", required=True, choices=sorted(NETS))
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--root", default=os.path.join(REPO, "results", "fidelity"))
+  p.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE")
+  p.add_argument("--arg", default="", help="the config's ARG (e.g. steps=40 for a check)")
+  p.add_argument("--report-only", action="store_true")
+  a = p.parse_args(argv)
+  check = bool(a.set or a.arg)
+  path = _rows_path(a.study, check)
+  rows = _load(path)
+  if not a.report_only:
+    for seed in (int(x) for x in a.seeds.split(",")):
+      new = run_seed(a.study, seed, a.root, a.set, a.arg)
+      keys = {(r["method"], r["seed"]) for r in new}
+      rows = [r for r in rows if (r["method"], r["seed"]) not in keys] + new
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+  s = summary(rows)
+  print(
+    f"\n{'method':20s} {'seeds':>5s} {'conv %':>7s} {'params':>8s} {'test acc (mean +- std)':>24s}"
+  )
+  for m, v in s.items():
+    print(
+      f"{m:20s} {v['n']:5d} {100 * v['conv_ratio']:6.1f}% {v['params']:8d} "
+      f"{100 * v['mean']:14.2f} +- {100 * v['std']:.2f}"
+    )
+  for v in verdicts(a.study, s):
+    print(
+      f"{v['claim']}: {100 * v['difference']:+.2f} points "
+      f"(pooled std {100 * v['pooled_std']:.2f}): {v['verdict']}"
+    )
+  plot(a.study, s, path.replace(".json", ".png"))
+
+
+if __name__ == "__main__":
+  main()
