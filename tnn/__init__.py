@@ -7,7 +7,7 @@ model from it, `distort` is the DeepTwist projection of one weight, `report` cou
 parameters and MACs.
 """
 
-from tnn import layers, models, ops
+from tnn import layers, models, ops, weights
 from tnn.plan import (
   CONV_METHODS,
   LayerPlan,
@@ -23,6 +23,7 @@ from tnn.plan import (
   register_method,
   report,
 )
+from tnn.serving import export, load_exported
 
 __all__ = [
   "CONV_METHODS",
@@ -32,13 +33,16 @@ __all__ = [
   "compress",
   "decompose",
   "distort",
+  "export",
   "factorize_random",
   "layer_paths",
   "layers",
+  "load_exported",
   "make_plan",
   "models",
   "ops",
   "plan_params",
   "register_method",
   "report",
+  "weights",
 ]

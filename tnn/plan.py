@@ -588,7 +588,12 @@ def _factorized(m, lp: LayerPlan, **init) -> L.Factorized:
   w = _weight(m)
   common = dict(use_bias=getattr(m, "bias", None) is not None, param_dtype=w.dtype, **init)
   if w.ndim == 4:
-    cls = _CONV_CLASS[lp.method]
+    cls = _CONV_CLASS.get(lp.method)
+    if cls is None:
+      raise ValueError(
+        f"method {lp.method!r} has no factorized conv layer (it is a DeepTwist distortion "
+        f"only); layers exist for {sorted(_CONV_CLASS)}."
+      )
     shape = (w.shape[2], w.shape[3], tuple(w.shape[:2]))
     return cls(*shape, *lp.hyper_args(), strides=m.strides, padding=m.padding, **common)
   return _DENSE_CLASS[lp.method](w.shape[0], w.shape[1], *lp.hyper_args(), **common)
