@@ -9,8 +9,8 @@ Each (study, seed) is one CLI run (`python -m train --config train/configs/fidel
 stopped run. As each seed finishes, its rows go to `benchmarks/results/fidelity-<study>.json`
 (method, net, seed, params, MACs, conv share, test accuracy, steps, wall time, command,
 machine, date), replacing earlier rows of the same (method, seed). `--set KEY=VALUE`
-and `--arg ARG` (the config's argument, e.g. `steps=40`) change the runs, for a check of the
-script at a tiny length; such rows are written to `fidelity-<study>-check.json` instead.
+and `--arg ARG` (the config's argument: lenet's rate, `steps=N`) change the runs; `--check`
+(a check of the script at a tiny length) writes to `fidelity-<study>-check.json` instead.
 
 The report: mean and sample std over seeds per method, and for each pair of arms that a
 claim compares (`CLAIMS`), the difference of the means against the pooled seed std.
@@ -30,7 +30,10 @@ from benchmarks import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NETS = {"cnn": "cnn (Fashion-MNIST, teachers/cnn_fmnist.npz)"}
+NETS = {
+  "cnn": "cnn (Fashion-MNIST, teachers/cnn_fmnist.npz)",
+  "lenet": "lenet5 (Fashion-MNIST, teachers/lenet5_fmnist.npz)",
+}
 
 # (claim, arm that should win, arm it is compared with)
 CLAIMS = {
@@ -41,6 +44,23 @@ CLAIMS = {
       "tucker2",
     ),
     ("DeepTwist beats decomposed training at equal ranks (lowered SVD)", "deeptwist_svd", "svd"),
+  ],
+  "lenet": [
+    (
+      f"TNN: the m-form beats the plain form at rate {r} ({m} vs {p})",
+      f"seqkd_{m}@{r}",
+      f"seqkd_{p}@{r}",
+    )
+    for r in ("0.05", "0.1", "0.2")
+    for m, p in (("mcp", "cp"), ("mtk", "tucker2"), ("mtt", "tt"))
+  ]
+  + [
+    ("TNN: Seq-KD beats E2E-KD at the lowest rate (mcp)", "seqkd_mcp@0.05", "e2ekd_mcp@0.05"),
+    (
+      "TNN: Seq-KD beats training the same TNN from scratch (mcp)",
+      "seqkd_mcp@0.05",
+      "scratch_mcp@0.05",
+    ),
   ],
 }
 
@@ -88,6 +108,7 @@ def run_seed(study: str, seed: int, root: str, overrides: list[str], arg: str = 
         kind=r.get("kind", r["method"]),
         decomposition=r.get("method_detail"),
         seed=seed,
+        arg=arg,
         params=r["params"],
         macs=r["macs"],
         conv_ratio=r["conv_ratio"],
@@ -107,7 +128,8 @@ def run_seed(study: str, seed: int, root: str, overrides: list[str], arg: str = 
 def summary(rows: list) -> dict:
   by = {}
   for r in rows:
-    by.setdefault(r["method"], []).append(r)
+    key = r["method"] + (f"@{r['arg']}" if r.get("arg") else "")
+    by.setdefault(key, []).append(r)
   out = {}
   for m, rs in by.items():
     acc = [r["test_accuracy"] for r in rs]
@@ -145,9 +167,9 @@ def plot(study: str, s: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  teacher = s.get("dense")
+  teacher = next((v for k, v in s.items() if k.split("@")[0] == "dense"), None)
   for m, v in sorted(s.items()):
-    if m == "dense":
+    if m.split("@")[0] == "dense":
       continue
     ax.errorbar(
       100 * v["conv_ratio"], 100 * v["mean"], yerr=100 * v["std"], fmt="o", capsize=3, label=m
@@ -171,17 +193,18 @@ def main(argv=None):
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--root", default=os.path.join(REPO, "results", "fidelity"))
   p.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE")
-  p.add_argument("--arg", default="", help="the config's ARG (e.g. steps=40 for a check)")
+  p.add_argument("--arg", default="", help="the config's ARG (lenet: the rate; steps=N)")
+  p.add_argument("--check", action="store_true", help="rows to fidelity-<study>-check.json")
   p.add_argument("--report-only", action="store_true")
   a = p.parse_args(argv)
-  check = bool(a.set or a.arg)
+  check = a.check or bool(a.set)
   path = _rows_path(a.study, check)
   rows = _load(path)
   if not a.report_only:
     for seed in (int(x) for x in a.seeds.split(",")):
       new = run_seed(a.study, seed, a.root, a.set, a.arg)
-      keys = {(r["method"], r["seed"]) for r in new}
-      rows = [r for r in rows if (r["method"], r["seed"]) not in keys] + new
+      keys = {(r["method"], r["seed"], r.get("arg", "")) for r in new}
+      rows = [r for r in rows if (r["method"], r["seed"], r.get("arg", "")) not in keys] + new
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, "w") as f:
         json.dump(rows, f, indent=1)

@@ -128,4 +128,9 @@ def rel_error(x: jax.Array, f) -> jax.Array:
       f"rel_error: x has shape {tuple(x.shape)} but the factorization "
       f"reconstructs shape {tuple(y.shape)}."
     )
-  return jnp.linalg.norm((x - y).ravel()) / jnp.linalg.norm(x.ravel())
+  # Both divided by max|x| first: squares of |x| > ~1e19 overflow float32 (and of
+  # |x| < ~1e-19 underflow), which made the ratio NaN at scales where the result is fine.
+  scale = jnp.max(jnp.abs(x))
+  scale = jnp.where(scale > 0, scale, 1).astype(x.dtype)
+  xs, ys = (x / scale).ravel(), (y.astype(x.dtype) / scale).ravel()
+  return jnp.linalg.norm(xs - ys) / jnp.linalg.norm(xs)

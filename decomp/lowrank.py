@@ -46,10 +46,10 @@ def lowered_svd(kernel, rank: int, *, method: str = "gram") -> LowRank:
     `LowRank(u (d_h, d_w, S, r), v (r, T))`; `u` has orthonormal columns (as a
     `(d_h d_w S, r)` matrix), `v` carries the singular values.
   """
-  kernel = _checks.as_kernel(kernel)
+  kernel, dtype = _checks.half_to_float32(_checks.as_kernel(kernel))
   d_h, d_w, s, t = kernel.shape
   rank = _checks.check_rank(rank, "rank", min(t, s * d_h * d_w))
-  return _lowered_svd(kernel, rank, _checks.check_method(method))
+  return _checks.cast_floats(_lowered_svd(kernel, rank, _checks.check_method(method)), dtype)
 
 
 def _tiles(matrix: jax.Array, grid) -> jax.Array:

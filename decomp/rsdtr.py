@@ -402,7 +402,7 @@ def rsdtr_stack(kernels, *, eps: float, method: str = "gram") -> list:
   result is the exhaustive search's (tested against a brute-force search).
   """
   kernels = _checks.as_float_array(kernels, "kernels", ndim=5, check_values=False)
-  eps = _checks.check_eps(eps)
+  eps = _checks.check_eps_floor(_checks.check_eps(eps), kernels.dtype)
   method = _checks.check_method(method)
   names = [f"kernels[{b}]" for b in range(kernels.shape[0])]
   return _search([kernels], [names], eps, method)
@@ -421,7 +421,7 @@ def rsdtr(kernel, *, eps: float, method: str = "gram") -> RSDTR:
     `rel_error(kernel, result) <= eps`.
   """
   kernel = _checks.as_kernel(kernel, check_values=False)
-  eps = _checks.check_eps(eps)
+  eps = _checks.check_eps_floor(_checks.check_eps(eps), kernel.dtype)
   method = _checks.check_method(method)
   return _search([kernel[None]], [["kernel"]], eps, method)[0]
 
@@ -438,6 +438,8 @@ def rsdtr_many(kernels: Sequence, *, eps: float, method: str = "gram") -> list:
     jnp.stack([_checks.as_kernel(kernels[i], f"kernels[{i}]", check_values=False) for i in idx])
     for idx in by_shape.values()
   ]
+  for st in stacks:
+    _checks.check_eps_floor(eps, st.dtype)
   names = [[f"kernels[{i}]" for i in idx] for idx in by_shape.values()]
   out: list = [None] * len(kernels)
   found = iter(_search(stacks, names, eps, method))

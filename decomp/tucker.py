@@ -41,7 +41,12 @@ def _check_ranks(x: jax.Array, ranks, fn: str) -> tuple:
 
 @functools.partial(jax.jit, static_argnames=("ranks", "method"))
 def _hosvd(x, ranks, method):
-  factors = tuple(None if r is None else _leading(x, k, r, method) for k, r in enumerate(ranks))
+  # The factors are those of x / max|x|: the Gram matrices of x itself overflow float32
+  # above |x| ~ 1e19 and underflow below ~1e-19 (NaN or wrong subspaces); the core is
+  # projected from x, so the scale comes back exactly.
+  scale = jnp.max(jnp.abs(x))
+  xs = x / jnp.where(scale > 0, scale, 1).astype(x.dtype)
+  factors = tuple(None if r is None else _leading(xs, k, r, method) for k, r in enumerate(ranks))
   return Tucker(_project(x, factors), factors)
 
 
@@ -62,9 +67,9 @@ def hosvd(x, ranks, *, method: str = "gram") -> Tucker:
   Returns:
     `Tucker(core (r_1, ..., r_N), factors)`, factors `(I_k, r_k)` orthonormal or None.
   """
-  x = _checks.as_float_array(x, "x")
+  x, dtype = _checks.half_to_float32(_checks.as_float_array(x, "x"))
   ranks = _check_ranks(x, ranks, "hosvd")
-  return _hosvd(x, ranks, _checks.check_method(method))
+  return _checks.cast_floats(_hosvd(x, ranks, _checks.check_method(method)), dtype)
 
 
 def tucker2(kernel, ranks, *, method: str = "gram") -> Tucker:
@@ -81,11 +86,14 @@ def tucker2(kernel, ranks, *, method: str = "gram") -> Tucker:
     conv: 1x1 S->r_S with `U_S`, d_h x d_w conv r_S->r_T with the core, 1x1 r_T->T with
     `U_T^T`.
   """
-  kernel = _checks.as_kernel(kernel)
+  kernel, dtype = _checks.half_to_float32(_checks.as_kernel(kernel))
   if not isinstance(ranks, (tuple, list)) or len(ranks) != 2:
     raise ValueError(f"tucker2: ranks must be a pair (r_S, r_T), got {ranks!r}.")
+  for i, (r, mode) in enumerate(zip(ranks, (2, 3), strict=True)):  # named as the caller wrote
+    hi = min(kernel.shape[mode], kernel.size // kernel.shape[mode])
+    _checks.check_rank(r, f"tucker2: ranks[{i}] ({'r_S' if i == 0 else 'r_T'})", hi)
   full = _check_ranks(kernel, (None, None, *ranks), "tucker2")
-  return _hosvd(kernel, full, _checks.check_method(method))
+  return _checks.cast_floats(_hosvd(kernel, full, _checks.check_method(method)), dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "n_iter", "method"))

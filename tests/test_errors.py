@@ -1,5 +1,7 @@
 """Every bad input raises ValueError naming the argument, the value and the allowed range."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,8 +23,8 @@ def _inf(x):
 
 
 CASES = [
-  (lambda: decomp.tucker2(K, (0, 4)), r"ranks\[2\]=0 .*\[1, 8\]"),
-  (lambda: decomp.tucker2(K, (4, 17)), r"ranks\[3\]=17 .*\[1, 16\]"),
+  (lambda: decomp.tucker2(K, (0, 4)), r"ranks\[0\] \(r_S\)=0 .*\[1, 8\]"),
+  (lambda: decomp.tucker2(K, (4, 17)), r"ranks\[1\] \(r_T\)=17 .*\[1, 16\]"),
   (lambda: decomp.tucker2(K[0], (4, 4)), r"kernel must be 4-way, got shape \(3, 8, 16\)"),
   (lambda: decomp.tucker2(_nan(K), (4, 4)), r"kernel contains NaN or Inf"),
   (lambda: decomp.tucker2(K, 4), r"ranks must be a pair"),
@@ -76,3 +78,67 @@ CASES = [
 def test_bad_input_raises_value_error(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+# --- library inputs (the reliability issue, section 5) --------------------------------
+
+
+def test_half_precision_tucker2_computes_in_float32_and_returns_the_input_dtype():
+  k = jax.random.normal(jax.random.key(0), (3, 3, 16, 24), jnp.float32)
+  want = decomp.rel_error(k, decomp.tucker2(k, (4, 6)))
+  for dt in (jnp.float16, jnp.bfloat16):
+    t = decomp.tucker2(k.astype(dt), (4, 6))
+    assert t.core.dtype == dt and t.factors[2].dtype == dt
+    assert float(decomp.rel_error(k, t)) == pytest.approx(float(want), abs=2e-2)
+    lr = decomp.lowered_svd(k.astype(dt), 5)
+    assert lr.u.dtype == dt
+
+
+def test_tucker2_rank_errors_name_the_argument_as_written():
+  k = jnp.ones((3, 3, 8, 4), jnp.float32)
+  with pytest.raises(
+    ValueError, match=r"ranks\[0\] \(r_S\)=0 is outside the allowed range \[1, 8\]"
+  ):
+    decomp.tucker2(k, (0, 4))
+  with pytest.raises(
+    ValueError, match=r"ranks\[1\] \(r_T\)=5 is outside the allowed range \[1, 4\]"
+  ):
+    decomp.tucker2(k, (2, 5))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e18, 1e19, 1e30])
+def test_gram_route_and_rel_error_are_scale_invariant(scale):
+  k = jax.random.normal(jax.random.key(1), (3, 3, 32, 32), jnp.float32)
+  ref = float(decomp.rel_error(k, decomp.tucker2(k, (8, 8), method="svd")))
+  ks = k * jnp.float32(scale)
+  got = decomp.tucker2(ks, (8, 8))
+  assert np.isfinite(np.asarray(got.core)).all()
+  assert float(decomp.rel_error(ks, got)) == pytest.approx(ref, rel=1e-4)
+
+
+def test_rsdtr_refuses_an_eps_below_the_float32_floor():
+  k = jax.random.normal(jax.random.key(2), (3, 3, 4, 4), jnp.float32)
+  with pytest.raises(
+    ValueError, match=r"eps=1e-09 is below what float32 can deliver \(floor 7.6e-06\)"
+  ):
+    decomp.rsdtr(k, eps=1e-9)
+  with pytest.raises(ValueError, match="floor"):
+    decomp.rsdtr_many([k], eps=1e-7)
+
+
+@pytest.mark.parametrize(
+  "text,match",
+  [
+    ("[1, 2]", "expected an object"),
+    ('{"a.conv": 3}', "entry 'a.conv' is a int"),
+    ('{"a.conv": {"method": "magic", "ranks": [2]}}', "method 'magic'"),
+    ('{"a.conv": {"method": "svd", "ranks": [2], "colour": 1}}', r"unknown key\(s\) \['colour'\]"),
+    ('{"a.conv": {"method": "svd"}}', "has no ranks"),
+    ("{not json", "not JSON"),
+  ],
+)
+def test_plan_from_json_names_the_bad_entry(text, match):
+  import tnn
+
+  with pytest.raises(ValueError, match=match):
+    tnn.Plan.from_json(text)

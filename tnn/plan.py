@@ -134,12 +134,37 @@ class Plan:
 
   @classmethod
   def from_json(cls, text: str) -> Plan:
-    rows = json.loads(text)
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"Plan.from_json: not JSON ({e}).") from None
+    if not isinstance(rows, dict):
+      raise ValueError(
+        f"Plan.from_json: expected an object {{path: entry}}, got a {type(rows).__name__}."
+      )
+    fields = {f.name for f in dataclasses.fields(LayerPlan)}
 
     def tup(v):
       return tuple(v) if isinstance(v, list) else v
 
-    return cls(tuple((p, LayerPlan(**{k: tup(v) for k, v in d.items()})) for p, d in rows.items()))
+    out = []
+    for p, d in rows.items():
+      if not isinstance(d, dict):
+        raise ValueError(f"Plan.from_json: entry {p!r} is a {type(d).__name__}, not an object.")
+      unknown = sorted(set(d) - fields)
+      if unknown:
+        raise ValueError(
+          f"Plan.from_json: entry {p!r} has unknown key(s) {unknown}; allowed {sorted(fields)}."
+        )
+      if d.get("method") not in CONV_METHODS + DENSE_METHODS:
+        raise ValueError(
+          f"Plan.from_json: entry {p!r} has method {d.get('method')!r}; allowed "
+          f"{sorted(set(CONV_METHODS + DENSE_METHODS))}."
+        )
+      if "ranks" not in d:
+        raise ValueError(f"Plan.from_json: entry {p!r} has no ranks.")
+      out.append((p, LayerPlan(**{k: tup(v) for k, v in d.items()})))
+    return cls(tuple(out))
 
   def summary(self) -> str:
     lines = [f"{'layer':40s} {'method':9s} ranks"]
