@@ -488,3 +488,23 @@ def test_evaluate_counts_every_row_once_over_the_devices():
   right = right[: len(right) - 1 + len(right) % 2]  # an odd count: the last batch is padded
   split = data_lib.Split(ds.test.images[right], ds.test.labels[right])
   assert trainer.evaluate(g, p, r, split, cfg, batch=4) == 1.0  # padding would exceed 1
+
+
+def test_onecycle_schedule_and_momentum_are_pytorchs():
+  """The RSDTR recipe's OneCycleLR (PyTorch defaults: cosine, 30% warm-up, momentum cycled
+  0.95 -> 0.85 -> 0.95), against torch itself."""
+  torch = pytest.importorskip("torch")
+  n = 200
+  p = torch.nn.Parameter(torch.zeros(1))
+  opt = torch.optim.SGD([p], lr=0.01, momentum=0.9)
+  sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=n)
+  lrs, moms = [], []
+  for _ in range(n):
+    lrs.append(opt.param_groups[0]["lr"])
+    moms.append(opt.param_groups[0]["momentum"])
+    opt.step()
+    sched.step()
+  _, ours = trainer.make_optimizer(dict(lr=0.01, schedule="onecycle"), n)
+  mom = trainer.onecycle_momentum(n, 0.85, 0.95)
+  np.testing.assert_allclose([float(ours(i)) for i in range(n)], lrs, rtol=1e-4, atol=1e-9)
+  np.testing.assert_allclose([float(mom(i)) for i in range(n)], moms, rtol=1e-5)

@@ -114,6 +114,11 @@ def validate(config) -> None:
   trainer.check_batch(config.batch_size)
   if config.get("resume") not in (None, "", "force"):
     raise ValueError(f"config.resume: {config.resume!r}; allowed '' (refuse a mismatch), 'force'.")
+  if config.get("require_init_from") and not config.get("init_from"):
+    raise ValueError(
+      f"config.init_from: this config starts from pretrained weights ({config.model}); pass "
+      "--config.init_from=FILE (.safetensors, .pth or a teacher .npz)."
+    )
   if config.get("init_from") and not os.path.isfile(config.init_from):
     raise ValueError(f"config.init_from: no file {config.init_from!r}.")
   if config.compute_dtype not in ("float32", "bfloat16"):

@@ -68,16 +68,62 @@ def fingerprint_of(tree) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _onecycle(total_steps: int, first: float, middle: float, last: float, pct_start: float):
+  """PyTorch `OneCycleLR`'s two cosine phases (`anneal_strategy="cos"`): `first -> middle`
+  over steps `[0, pct_start * total - 1]`, then `middle -> last` up to step `total - 1`."""
+  end1 = float(pct_start * total_steps) - 1
+  end2 = float(total_steps - 1)
+
+  def anneal(start, end, frac):
+    return end + (start - end) / 2 * (jnp.cos(jnp.pi * frac) + 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = anneal(first, middle, jnp.clip(step / max(end1, 1e-9), 0, 1))
+    cool = anneal(middle, last, jnp.clip((step - end1) / max(end2 - end1, 1e-9), 0, 1))
+    return jnp.where(step <= end1, warm, cool)
+
+  return schedule
+
+
+def onecycle_lr(total_steps: int, peak: float, pct_start: float = 0.3, div: float = 25.0,
+                final_div: float = 1e4):  # fmt: skip
+  """PyTorch `OneCycleLR`'s learning rate (its defaults): `peak / div` up to `peak`, then
+  down to `peak / div / final_div`."""
+  return _onecycle(total_steps, peak / div, peak, peak / div / final_div, pct_start)
+
+
+def onecycle_momentum(total_steps: int, base: float, peak: float, pct_start: float = 0.3):
+  """PyTorch `OneCycleLR`'s momentum (`cycle_momentum=True`, its default, which overrides
+  the optimizer's own momentum): `peak` down to `base` while the learning rate warms up,
+  then back up to `peak`."""
+  return _onecycle(total_steps, peak, base, peak, pct_start)
+
+
 def make_optimizer(opt: dict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-  """SGD with momentum (or adam) + weight decay, under a cosine, step or one-cycle schedule."""
+  """SGD with momentum (or adam) + weight decay, under a cosine, step, one-cycle or constant
+  schedule.
+
+  `opt` keys: `lr`, `schedule`, `optimizer` ("sgd" or "adam"), `momentum`, `nesterov`
+  (default True), `weight_decay` (added to the gradient, as PyTorch's SGD does),
+  `boundaries` (the "step" schedule's drops by 10x, as fractions of the run; default
+  (0.5, 0.75)), `cycle_momentum` (with "onecycle": `(base, peak)`, PyTorch's default
+  (0.85, 0.95); `None` keeps `momentum` fixed). One-cycle is PyTorch's `OneCycleLR` with
+  its defaults (`onecycle_lr`: 30% warm-up, initial lr peak/25, final peak/25e4; tested
+  against torch)."""
   lr, kind = opt["lr"], opt.get("schedule", "cosine")
+  momentum = opt.get("momentum", 0.9)
   if kind == "cosine":
     sched = optax.cosine_decay_schedule(lr, max(total_steps, 1))
   elif kind == "step":
-    bounds = {int(total_steps * f): 0.1 for f in (0.5, 0.75)}
+    fracs = tuple(opt.get("boundaries") or (0.5, 0.75))
+    bounds = {int(total_steps * f): 0.1 for f in fracs}
     sched = optax.piecewise_constant_schedule(lr, bounds)
   elif kind == "onecycle":
-    sched = optax.cosine_onecycle_schedule(max(total_steps, 1), lr)
+    sched = onecycle_lr(max(total_steps, 1), lr)
+    cyc = opt.get("cycle_momentum")
+    if cyc:
+      momentum = onecycle_momentum(max(total_steps, 1), *cyc)
   elif kind == "constant":
     sched = optax.constant_schedule(lr)
   else:
@@ -86,7 +132,12 @@ def make_optimizer(opt: dict, total_steps: int) -> tuple[optax.GradientTransform
   if opt.get("weight_decay", 0.0):
     parts.append(optax.add_decayed_weights(opt["weight_decay"]))
   if opt.get("optimizer", "sgd") == "sgd":
-    parts.append(optax.sgd(sched, momentum=opt.get("momentum", 0.9), nesterov=True))
+    nesterov = opt.get("nesterov", True)
+    if callable(momentum):
+      sgd = optax.inject_hyperparams(optax.sgd, static_args=("nesterov",))
+      parts.append(sgd(learning_rate=sched, momentum=momentum, nesterov=nesterov))
+    else:
+      parts.append(optax.sgd(sched, momentum=momentum, nesterov=nesterov))
   else:
     parts.append(optax.adam(sched))
   return optax.chain(*parts), sched

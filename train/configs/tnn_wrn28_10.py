@@ -22,9 +22,15 @@ def get_config(arg=None):
   c = common.base("cifar100", "wrn28_10")
   if "fmnist" in t:
     common.to_fashion(c)
-  c.methods = ("dense", "seqkd", "e2ekd")
+  c.methods = ("dense", "seqkd", "e2ekd", "scratch")
   c.dense = section(steps=epochs(c, 200), opt=opt(0.1, schedule="step"))
-  kd = dict(method=layer, ratio=ratio, alpha=0.9, temperature=4.0, opt=opt(0.02))
-  c.seqkd = section(block_steps=epochs(c, 1), e2e_steps=epochs(c, 60), **kd)
-  c.e2ekd = section(steps=epochs(c, 80), **kd)
+  adam = dict(optimizer="adam", lr=1e-3, schedule="constant", weight_decay=0.0, momentum=0.9)
+  form = dict(method=layer, ratio=ratio, opt=adam)
+  if layer.startswith("m"):
+    form["modes"] = 3
+  # TNN's Seq-KD (Adam 1e-3, one stage at a time, 100 epochs per stage, no E2E phase);
+  # E2E-KD and scratch as separate methods with the same budget (3 stages).
+  c.seqkd = section(block_steps=epochs(c, 100), e2e_steps=0, **form)
+  c.e2ekd = section(steps=epochs(c, 300), alpha=0.9, temperature=4.0, **form)
+  c.scratch = section(steps=epochs(c, 300), **form)
   return c
