@@ -142,3 +142,21 @@ def test_plan_from_json_names_the_bad_entry(text, match):
 
   with pytest.raises(ValueError, match=match):
     tnn.Plan.from_json(text)
+
+
+def test_a_plan_made_for_another_model_is_refused():
+  from flax import nnx
+
+  import tnn
+
+  small = tnn.models.cnn(10, rngs=nnx.Rngs(0), in_channels=1, widths=(8, 16, 16))
+  wide = tnn.models.cnn(10, rngs=nnx.Rngs(0), in_channels=1, widths=(16, 32, 32))
+  plan = tnn.make_plan(small, "tucker2", ratio=0.25)  # same paths as `wide`'s
+  again = tnn.Plan.from_json(plan.to_json())
+  assert again == plan and again.shapes == plan.shapes
+  for p in (plan, again):
+    with pytest.raises(
+      ValueError,
+      match=r"was made for a weight of shape \(3, 3, 8, 8\); this model.s is \(3, 3, 16, 16\)",
+    ):
+      tnn.compress(wide, p)

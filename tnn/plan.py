@@ -111,9 +111,14 @@ class Plan:
   """`{path: LayerPlan}`, ordered by path; a value (hashable, comparable, JSON round-trip)."""
 
   layers: tuple  # ((path, LayerPlan), ...)
+  # ((path, weight shape), ...) of the model the plan was made for (`make_plan` records
+  # them, JSON keeps them); `check_plan` refuses a model whose layers have other shapes.
+  # Not part of the value: two plans with the same layers are equal.
+  shapes: tuple = dataclasses.field(default=(), compare=False)
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+    object.__setattr__(self, "shapes", tuple(sorted((p, tuple(s)) for p, s in self.shapes)))
 
   def __getitem__(self, path: str) -> LayerPlan:
     return dict(self.layers)[path]
@@ -130,6 +135,9 @@ class Plan:
 
   def to_json(self) -> str:
     rows = {p: {k: v for k, v in dataclasses.asdict(lp).items() if v is not None} for p, lp in self}
+    for p, shape in self.shapes:
+      if p in rows:
+        rows[p]["weight_shape"] = list(shape)
     return json.dumps(rows, indent=1, sort_keys=True)
 
   @classmethod
@@ -142,12 +150,12 @@ class Plan:
       raise ValueError(
         f"Plan.from_json: expected an object {{path: entry}}, got a {type(rows).__name__}."
       )
-    fields = {f.name for f in dataclasses.fields(LayerPlan)}
+    fields = {f.name for f in dataclasses.fields(LayerPlan)} | {"weight_shape"}
 
     def tup(v):
       return tuple(v) if isinstance(v, list) else v
 
-    out = []
+    out, shapes = [], []
     for p, d in rows.items():
       if not isinstance(d, dict):
         raise ValueError(f"Plan.from_json: entry {p!r} is a {type(d).__name__}, not an object.")
@@ -163,8 +171,11 @@ class Plan:
         )
       if "ranks" not in d:
         raise ValueError(f"Plan.from_json: entry {p!r} has no ranks.")
-      out.append((p, LayerPlan(**{k: tup(v) for k, v in d.items()})))
-    return cls(tuple(out))
+      shape = d.get("weight_shape")
+      if shape is not None:
+        shapes.append((p, tuple(shape)))
+      out.append((p, LayerPlan(**{k: tup(v) for k, v in d.items() if k != "weight_shape"})))
+    return cls(tuple(out), shapes=tuple(shapes))
 
   def summary(self) -> str:
     lines = [f"{'layer':40s} {'method':9s} ranks"]
@@ -466,7 +477,7 @@ def make_plan(
       plans[p] = _eps_plans(meth, [p], values([p]), o["eps"])[p]
     else:
       plans[p] = plan_for(p, meth, o.get("ratio", ratio if ratio is not None else 0.25))
-  plan = Plan(tuple(plans.items()))
+  plan = Plan(tuple(plans.items()), shapes=tuple((p, _weight_shape(all_layers[p])) for p in plans))
   check_plan(plan, model)
   return plan
 
@@ -501,11 +512,17 @@ def plan_params(lp: LayerPlan, weight_shape) -> int:
 def check_plan(plan: Plan, model: nnx.Module) -> None:
   """`ValueError` if a plan does not fit the model (missing path, rank out of range)."""
   all_layers = layer_paths(model)
+  recorded = dict(plan.shapes)
   for p, lp in plan:
     if p not in all_layers:
       raise ValueError(f"plan: no layer at path {p!r}; layers are {sorted(all_layers)}.")
     m = all_layers[p]
     w_shape = _weight_shape(m)
+    if p in recorded and tuple(recorded[p]) != tuple(w_shape):
+      raise ValueError(
+        f"plan[{p!r}] was made for a weight of shape {tuple(recorded[p])}; this model's is "
+        f"{tuple(w_shape)}: make the plan for this model (tnn.make_plan)."
+      )
     if lp.method == "tiled_svd":
       t, n = w_shape[3], math.prod(w_shape[:3])
       decomp.tiled_svd_rank((t, n), lp.grid, ratio=1.0)  # validates the grid

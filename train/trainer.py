@@ -144,7 +144,9 @@ def make_optimizer(opt: dict, total_steps: int) -> tuple[optax.GradientTransform
 
 
 class Logger:
-  """JSON lines to `path`, a one-line progress display on a terminal."""
+  """JSON lines to `path`; progress on a terminal as one updated line, elsewhere (a log
+  file, a pipe) as one printed line per logged step: step, loss, batch accuracy,
+  images/s, ETA."""
 
   def __init__(self, path: str, phase: str, total: int):
     # One writer: with several processes (jax.distributed) only process 0 logs.
@@ -152,6 +154,9 @@ class Logger:
     self.f = open(self.path, "a")
     self.phase, self.total = phase, total
     self.tty = sys.stderr.isatty() and jax.process_index() == 0
+    self.plain = not self.tty and jax.process_index() == 0
+    self.first = 0
+    self.t0 = time.time()
 
   def log(self, row: dict) -> None:
     for k, v in row.items():
@@ -168,6 +173,23 @@ class Logger:
       msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
       sys.stderr.write(f"\r[{self.phase}] {msg[:150]:150s}")
       sys.stderr.flush()
+    elif self.plain and "step" in row:
+      ips = row.get("images_per_s", 0.0)
+      left = self.total - row["step"]
+      eta = left * (time.time() - self.t0) / max(row["step"] - self.first, 1) if left else 0
+      acc = f" acc {row['accuracy']:.4f}" if "accuracy" in row else ""
+      print(
+        f"[{self.phase}] step {row['step']}/{self.total} loss {row.get('loss', float('nan')):.4f}"
+        f"{acc} {ips:.0f} img/s ETA {eta:.0f} s",
+        flush=True,
+      )
+
+  def start(self, step: int) -> None:
+    """Says where the phase starts (plain output only)."""
+    self.first, self.t0 = step, time.time()
+    if self.plain:
+      what = "done" if step >= self.total else f"from step {step}" if step else "start"
+      print(f"[{self.phase}] {what}: {self.total} steps", flush=True)
 
   def close(self):
     if self.tty:
@@ -363,6 +385,7 @@ def run_phase(
   logger = Logger(os.path.join(workdir, "metrics.jsonl"), name, steps)
   n = dataset.train.num_examples
   start = int(state.step)
+  logger.start(start)
   t0, seen = time.time(), 0
 
   def read(s):  # batch `s` of this process, read on the host (a pure function of s)
