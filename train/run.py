@@ -270,16 +270,20 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
     extra["accuracy_after_decomposition"] = evaluate(student)
     if not c.get("bn_batches", 0):
       return student
-    student = trainer.recalibrate_bn(
-      student,
+    student = _recomputed_bn(student, c)
+    extra["accuracy_after_bn_recalibration"] = evaluate(student)
+    return student
+
+  def _recomputed_bn(model, c):
+    """`model` with BatchNorm statistics recomputed over `c.bn_batches` training batches."""
+    return trainer.recalibrate_bn(
+      model,
       ds.train,
       _step_cfg(config, ds),
       batches=c.bn_batches,
       batch_size=config.batch_size,
       seed=config.seed,
     )
-    extra["accuracy_after_bn_recalibration"] = evaluate(student)
-    return student
 
   def record(method, model, t0, **extra):
     rep = tnn.report(model, in_shape)
@@ -338,14 +342,7 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
       trained = trainer.run_phase(method, workdir, nnx.clone(dense), ds, cfg=cfg, **com)
       extra["accuracy_last_distortion"] = evaluate(trained)
       if c.get("bn_batches", 0):
-        trained = trainer.recalibrate_bn(
-          trained,
-          ds.train,
-          _step_cfg(config, ds),
-          batches=c.bn_batches,
-          batch_size=config.batch_size,
-          seed=config.seed,
-        )
+        trained = _recomputed_bn(trained, c)
         extra["accuracy_before_conversion"] = evaluate(trained)
       else:
         extra["accuracy_before_conversion"] = extra["accuracy_last_distortion"]
