@@ -29,7 +29,7 @@ from tests.test_train import _config
 def get_config(arg=None):
   c = _config(("dense",), steps={steps})
   c.checkpoint_every, c.log_every = {every}, {log}
-  c.init_from, c.resume = "", ""
+  c.init_from, c.resume, c.data_dir = "", "", ""
   return c
 """
 
@@ -222,3 +222,23 @@ def test_a_deleted_metrics_log_is_reopened_and_junk_lines_are_skipped(finished):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "1 unreadable line(s) skipped" in proc.stdout
   assert (work / "accuracy_vs_step.png").exists()
+
+
+def test_foreseeable_cli_errors_are_one_line_and_exit_2(finished, tmp_path):
+  work = tmp_path / "w"
+  proc = _cli(finished, work, "--config.methd=x")
+  _one_clear_line(proc, "unknown config key 'methd'", 'Did you mean "methods"')
+  proc = _cli(finished, work, "--config.batch_size=abc")
+  _one_clear_line(proc, "batch_size")
+  proc = _cli(finished, work, "--config.dataset=fashion_mnist", f"--config.data_dir={tmp_path}")
+  _one_clear_line(proc, "are not in", "dataset-fashion-mnist")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+  missing = subprocess.run(
+    [sys.executable, "-m", "train", "--config", str(tmp_path / "nope.py"), "--workdir", str(work)],
+    env=env, capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  _one_clear_line(missing, "nope.py")
+  helped = subprocess.run(
+    [sys.executable, "-m", "train", "--help"], env=env, capture_output=True, text=True, timeout=120
+  )
+  assert helped.returncode == 0 and "train/configs/demo.py" in helped.stdout
