@@ -46,16 +46,18 @@ def get_config(arg=None):
     c.init_from = TEACHER
     c.dense = section(steps=0, opt=opt(0.05))
   bn = 0 if "nobn" in t else 20
-  c.deeptwist = section(method="tucker2", ratio=0.1, sd=40, steps=320, bn_batches=bn, opt=opt(0.02))
-  c.finetune = section(method="tr", ratio=0.1, steps=240, bn_batches=bn, opt=opt(0.02))
+  c.deeptwist = section(method="tucker2", ratio=0.1, sd=40, steps=640, bn_batches=bn, opt=opt(0.02))
+  c.finetune = section(method="tr", ratio=0.1, steps=480, bn_batches=bn, opt=opt(0.02))
+  # Seq-KD with Adam at 1e-3, the TNN authors' optimizer (SGD at 0.02 here: 0.8042).
+  adam = dict(optimizer="adam", lr=1e-3, schedule="constant", weight_decay=0.0, momentum=0.9)
   c.seqkd = section(
     method="tt",
     ratio=0.1,
-    block_steps=40,
-    e2e_steps=160,
+    block_steps=80,
+    e2e_steps=320,
     alpha=0.9,
     temperature=4.0,
     bn_batches=bn,
-    opt=opt(0.02),
+    opt=adam,
   )
   return c
