@@ -16,8 +16,6 @@ Needs the `bench` extra (`pip install -e ".[bench]"`: torch 2.13 CPU, tensorly-t
 
 from __future__ import annotations
 
-import time
-
 KINDS = {"tucker2": "tucker", "cp": "cp", "tt": "tt"}  # ours -> TensorLy-Torch's name
 
 
@@ -88,10 +86,10 @@ def _resnet32(ratio: float | None, factorization: str | None):
 def train_step_rows(kinds, batch: int, steps: int, ratio: float) -> dict:
   """`{kind: (median ms, first-step ms, params)}` of the peer's train step, `kind` "dense" or
   one of `KINDS`; kinds the peer lacks are left out."""
-  import statistics
-
   import torch
   import torch.nn.functional as F
+
+  from benchmarks import common
 
   out = {}
   for kind in kinds:
@@ -111,16 +109,8 @@ def train_step_rows(kinds, batch: int, steps: int, ratio: float) -> dict:
       loss.backward()
       opt.step()
 
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    for _ in range(2):
-      step()
-    runs = []
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      step()
-      runs.append(time.perf_counter() - t0)
+    # CPU torch runs synchronously: each call has finished when it returns.
+    t = common.timeit(step, repeats=steps, warmup=3)
     n_params = sum(p.numel() for p in model.parameters())
-    out[kind] = (1e3 * statistics.median(runs), 1e3 * first, n_params)
+    out[kind] = (t["median_ms"], t["first_ms"], n_params)
   return out
