@@ -67,8 +67,8 @@ def _split_lists(argv: list[str]) -> list[str]:
 
 
 def main(argv):
-  from train import checkpoint, trainer, workdir
   from train import run as run_lib
+  from train import workdir
 
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}; see python -m train --help.")
@@ -89,8 +89,6 @@ def main(argv):
     FloatingPointError,  # a non-finite loss or state
     workdir.WorkdirLocked,
     FileNotFoundError,
-    checkpoint.CheckpointError,
-    trainer.ConfigMismatch,
   ) as e:
     _fail(str(e))
 

@@ -26,7 +26,6 @@ a rerun at a saner learning rate starts from the last good checkpoint.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -81,7 +80,8 @@ def _host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _sha256(a: np.ndarray) -> str:
+def array_sha256(a: np.ndarray) -> str:
+  """SHA-256 of an array's bytes (C order): the checksum of checkpoints and teacher files."""
   return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
@@ -119,7 +119,7 @@ def save(folder: str, step: int, state, fingerprint: dict, *, keep: int) -> None
     format=FORMAT,
     step=int(step),
     fingerprint=fingerprint,
-    arrays={k: [list(a.shape), a.dtype.str, _sha256(a)] for k, a in arrays.items()},
+    arrays={k: [list(a.shape), a.dtype.str, array_sha256(a)] for k, a in arrays.items()},
   )
   tmp = os.path.join(ckpt, f".tmp-{step}-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
@@ -159,9 +159,7 @@ def _read(path: str, abstract: dict) -> tuple[dict, dict]:
       f"it holds other arrays than this phase's state (missing {missing}, unexpected {extra})"
     )
   try:
-    with open(os.path.join(path, "arrays.npz"), "rb") as f:
-      blob = f.read()
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+    with np.load(os.path.join(path, "arrays.npz"), allow_pickle=False) as z:
       arrays = {k: z[k] for k in abstract}
   except FileNotFoundError:
     raise ValueError("arrays.npz is missing") from None
@@ -175,7 +173,7 @@ def _read(path: str, abstract: dict) -> tuple[dict, dict]:
         f"array {k!r} is {a.dtype}{list(a.shape)}, this phase's state needs "
         f"{np.dtype(want.dtype)}{list(want.shape)}"
       )
-    if [list(a.shape), a.dtype.str] != [list(shape), dtype] or _sha256(a) != digest:
+    if [list(a.shape), a.dtype.str] != [list(shape), dtype] or array_sha256(a) != digest:
       raise ValueError(f"array {k!r} does not match its checksum")
     if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
       raise ValueError(f"array {k!r} holds NaN or Inf")

@@ -15,7 +15,6 @@ exports the dense phase of a finished run (its newest good checkpoint) with the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -43,14 +42,13 @@ def _named(model: nnx.Module) -> dict:
   return out
 
 
-def _sha(a: np.ndarray) -> str:
-  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
 def save(model: nnx.Module, path: str, meta: dict) -> None:
   """Writes `model`'s variables and `meta` (plus checksums) to `path` (atomic rename)."""
   arrays = {k: np.asarray(jax.device_get(v)) for k, v in _named(model).items()}
-  meta = dict(meta, arrays={k: [list(a.shape), a.dtype.str, _sha(a)] for k, a in arrays.items()})
+  meta = dict(
+    meta,
+    arrays={k: [list(a.shape), a.dtype.str, ckpt_lib.array_sha256(a)] for k, a in arrays.items()},
+  )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
@@ -70,7 +68,7 @@ def read(path: str) -> tuple[dict, dict]:
     raise ValueError(f"init_from: {path} is not a readable teacher file ({e}).") from None
   recorded = meta.get("arrays", {})
   for k, a in arrays.items():
-    if k not in recorded or _sha(a) != recorded[k][2]:
+    if k not in recorded or ckpt_lib.array_sha256(a) != recorded[k][2]:
       raise ValueError(f"init_from: {path}: entry {k!r} does not match its checksum.")
   return arrays, meta
 
