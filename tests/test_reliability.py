@@ -13,10 +13,12 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
 from train import checkpoint
+from train.trainer import ConfigMismatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,3 +244,24 @@ def test_foreseeable_cli_errors_are_one_line_and_exit_2(finished, tmp_path):
     [sys.executable, "-m", "train", "--help"], env=env, capture_output=True, text=True, timeout=120
   )
   assert helped.returncode == 0 and "train/configs/demo.py" in helped.stdout
+
+
+def test_init_from_is_compared_by_content_not_path(tmp_path):
+  """The same teacher file under another path (a moved checkout) resumes; another file
+  under the recorded path is refused, naming the key."""
+  from train import workdir as workdir_lib
+
+  work = tmp_path / "w"
+  (work / "dense" / "ckpt").mkdir(parents=True)  # a phase on disk: changes now matter
+  a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+  a.write_bytes(b"teacher one")
+  b.write_bytes(b"teacher one")
+  cfg = ml_collections.ConfigDict(dict(methods=("dense",), dense=dict(steps=1), init_from=str(a)))
+  workdir_lib.check_config(str(work), cfg)
+  assert json.loads((work / "config.json").read_text())["init_from_sha256"]
+  cfg.init_from = str(b)  # moved: same bytes
+  workdir_lib.check_config(str(work), cfg)
+  assert json.loads((work / "config.json").read_text())["init_from"] == str(b)
+  b.write_bytes(b"another teacher")
+  with pytest.raises(ConfigMismatch, match="init_from_sha256"):
+    workdir_lib.check_config(str(work), cfg)

@@ -85,6 +85,15 @@ def array_sha256(a: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def file_sha256(path: str) -> str:
+  """The SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 def all_finite(tree) -> bool:
   """Whether every floating leaf of `tree` is finite (one device reduction per leaf)."""
   import jax.numpy as jnp

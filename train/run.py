@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import tnn
+from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import steps as steps_lib
 from train import teacher as teacher_lib
@@ -201,16 +202,6 @@ def build_model(config, ds) -> nnx.Module:
   )
 
 
-def _file_digest(path: str) -> str:
-  import hashlib
-
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()[:16]
-
-
 def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
   ds = dataset
   if ds is None:
@@ -237,7 +228,7 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
     augment=dict(config.augment),
     label_smoothing=config.label_smoothing,
     compute_dtype=config.compute_dtype,
-    init_from=_file_digest(init_from) if init_from else "",
+    init_from=ckpt_lib.file_sha256(init_from)[:16] if init_from else "",
   )
   dense_key = trainer.fingerprint_of(
     dict(run_fp, dense=config.dense.to_dict(), batch_size=config.batch_size, seed=config.seed)

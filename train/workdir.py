@@ -9,6 +9,9 @@ on a held workdir gets `WorkdirLocked`, naming the holder.
 run in the same workdir, before any compute:
 
 - keys that change neither a state nor a result (`IGNORED`) may differ;
+- `init_from` is compared by the file's content (its SHA-256, recorded beside the path as
+  `init_from_sha256`): the same teacher under another path (a moved checkout) is the same
+  run, another file under the same path is not;
 - a method section may be added, or changed while no phase of it has been started;
 - anything else that differs while phases exist on disk is refused (`ConfigMismatch`,
   naming each key, old and new value), unless `config.resume == "force"`.
@@ -25,6 +28,7 @@ import os
 import socket
 import time
 
+from train import checkpoint as ckpt_lib
 from train.trainer import ConfigMismatch, fingerprint_diff
 
 IGNORED = ("log_every", "checkpoint_every", "keep", "resume", "data_dir", "eval_every")
@@ -90,11 +94,18 @@ def _any_started(workdir: str) -> bool:
   )
 
 
+def _sha256(path: str) -> str:
+  """The SHA-256 of the file at `path` ('' when there is none)."""
+  return ckpt_lib.file_sha256(path) if os.path.isfile(path) else ""
+
+
 def check_config(workdir: str, config) -> None:
   """Refuses (before compute) a config that does not match the workdir's earlier run;
   records an accepted one (see the module docstring)."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json())
+  if new.get("init_from"):
+    new["init_from_sha256"] = _sha256(new["init_from"])
   if not os.path.exists(path):
     with open(path, "w") as f:
       json.dump(new, f, indent=1)
@@ -107,6 +118,8 @@ def check_config(workdir: str, config) -> None:
       f"{path} is unreadable ({e}); use a new --workdir, or delete that file to accept the "
       "current config as this workdir's record."
     ) from None
+  if old.get("init_from") and "init_from_sha256" not in old:  # a record from before the digest
+    old["init_from_sha256"] = _sha256(old["init_from"])
   if old == new:
     return
   sections = {m for m in new.get("methods", ()) if isinstance(new.get(m), dict)}
@@ -117,6 +130,8 @@ def check_config(workdir: str, config) -> None:
     a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
     if a == b or key in IGNORED or key == "methods":
       continue
+    if key == "init_from" and old.get("init_from_sha256") == new.get("init_from_sha256"):
+      continue  # the same content: the file may move
     if key in sections and key != "dense":
       blocked = _started(workdir, key)
     else:
