@@ -27,6 +27,8 @@ CASES = [
   ("teachers", "cnn"),
   ("teachers", "lenet5"),
   ("fidelity_cnn", None),
+  ("fidelity_lenet", "0.05"),
+  ("fidelity_lenet", "0.2"),
   ("demo", "pretrain"),
 ]
 

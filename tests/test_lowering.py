@@ -67,10 +67,10 @@ def _plan(dense, kind):
   return tnn.make_plan(dense, kind, ratio=0.3, **extra)
 
 
-def _step_export(model, cfg, teacher=None, mask=None):
+def _step_export(model, cfg, teacher=None, mask=None, loss=None):
   tx = optax.sgd(0.01, momentum=0.9)
   graphdef, state = steps_lib.init_state(model, tx, 0)
-  step = steps_lib.make_train_step(graphdef, tx, cfg, mask)
+  step = steps_lib.make_train_step(graphdef, tx, cfg, mask, loss=loss)
   args = (_abstract(state), _batch())
   if teacher is not None:
     tg, tp, tr = steps_lib.split_model(teacher)
@@ -113,9 +113,9 @@ def test_deeptwist_step_lowers_and_its_solver_calls_are_counted(kind, record_pro
 def test_distillation_steps_lower():
   teacher = _dense()
   student, _ = _model("tt")
-  _check(_step_export(student, _cfg(loss="kd"), teacher=teacher))
+  _check(_step_export(student, _cfg(), teacher=teacher, loss=steps_lib.Distillation()))
   mask = steps_lib.block_mask(steps_lib.split_model(student)[1], 1)
-  _check(_step_export(student, _cfg(loss="block", block=1), teacher=teacher, mask=mask))
+  _check(_step_export(student, _cfg(), teacher=teacher, mask=mask, loss=steps_lib.BlockMSE(1)))
 
 
 K = jax.ShapeDtypeStruct((3, 3, 16, 32), jnp.float32)

@@ -44,6 +44,7 @@ def counting_take(self, idx, aug_seed=None):
 data.Split.take = counting_take
 c = _config(("dense",), steps={steps})
 c.checkpoint_every = 4
+c.eval_every = 0  # the rows read are those of the training batches and the final evaluation
 run.run(c, workdir, data.synthetic())
 print("ROWS_READ", jax.process_index(), sorted(rows_read), sorted(eval_rows))
 """

@@ -136,6 +136,7 @@ def _config(tmp_methods=("dense",), steps=40):
   c.label_smoothing, c.compute_dtype = 0.0, "float32"
   c.batch_size, c.seed = 32, 0
   c.checkpoint_every, c.keep, c.log_every = 10, 2, 5
+  c.eval_every, c.eval_examples = 10, 200
   c.methods = tmp_methods
   opt = dict(lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine", optimizer="sgd")
   c.dense = ml_collections.ConfigDict(dict(steps=steps, opt=opt))
@@ -192,6 +193,77 @@ def test_tiny_run_learns_and_every_method_runs(tmp_path):
   assert [r["method"] for r in saved] == list(methods)
   assert {"method", "params", "macs", "test_accuracy"} <= set(saved[0])
   assert (tmp_path / "accuracy_vs_step.png").stat().st_size > 1000
+  # Test-subset accuracy is logged during every phase (eval_every=10) and at its end.
+  evals = [m for m in logged if "test_accuracy" in m and m.get("event") != "result"]
+  assert {m["phase"] for m in evals} >= {"dense", "deeptwist", "seqkd_block0", "seqkd_e2e"}
+  assert [m["step"] for m in evals if m["phase"] == "dense"] == [10, 20, 30, 40]
+  # A finished workdir run again: the same rows, the training seconds kept (they come from
+  # the checkpoints), no line added to the metrics log.
+  for r in rows[1:]:
+    assert r["train_s"] > 0 and r["wall_s"] >= r["train_s"]
+  n_lines = len(logged)
+  again = run_lib.run(c, str(tmp_path), ds)
+  for r0, r1 in zip(rows, again, strict=True):
+    assert r1["train_s"] == r0["train_s"] and r1["test_accuracy"] == r0["test_accuracy"]
+    assert r1["wall_s"] >= r1["train_s"]
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == n_lines
+
+
+def test_plots_show_the_logged_test_accuracy_per_method_on_one_step_axis(tmp_path):
+  """Both figures from a small metrics file: each method's panel holds its phases' logged
+  test accuracy, a phase's steps starting where the previous phase ended; DeepTwist's
+  distortions are drawn in its panel only; the params figure puts each method at its
+  share of conv weights kept, in percent."""
+  log = [
+    dict(phase="dense", step=10, loss=1.0, test_accuracy=0.5),
+    dict(phase="dense", step=20, loss=0.5, test_accuracy=0.7),
+    dict(phase="dense", event="result", test_accuracy=0.7),
+    dict(phase="deeptwist", step=5, loss=0.9, distorted=False, test_accuracy=0.6),
+    dict(phase="deeptwist", step=10, loss=0.8, distorted=True, test_accuracy=0.65),
+    dict(phase="seqkd_block1", step=4, loss=0.1, test_accuracy=0.3),
+    dict(phase="seqkd_block0", step=4, loss=0.2, test_accuracy=0.2),
+    dict(phase="seqkd_block0", step=4, loss=0.2, test_accuracy=0.25),  # a resumed run's repeat
+    dict(phase="seqkd_e2e", step=6, loss=0.3, test_accuracy=0.6),
+    dict(phase="seqkd_e2e", step=3, loss=0.3),  # no evaluation at this step
+  ]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in log) + "\nnot json\n")
+  rows = [
+    dict(method="dense", params=100, test_accuracy=0.7, conv_ratio=1.0),
+    dict(method="deeptwist", kind="deeptwist", params=30, test_accuracy=0.66, conv_ratio=0.1,
+         sd=5, steps=10),
+    dict(method="seqkd", params=20, test_accuracy=0.61, conv_ratio=0.2),
+  ]  # fmt: skip
+  figs = run_lib.plots(str(tmp_path), rows)
+  for name in ("accuracy_vs_step", "accuracy_vs_params"):
+    assert (tmp_path / f"{name}.png").stat().st_size > 5000
+  panels = {ax.get_title().split(":")[0]: ax for ax in figs["accuracy_vs_step"].axes}
+  assert set(panels) == {"dense", "deeptwist", "seqkd"}
+
+  def series(ax, gid=None):
+    return {
+      ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()))
+      for ln in ax.get_lines()
+      if ln.get_gid() == gid
+    }
+
+  assert series(panels["dense"]) == {"dense": ([10, 20], [0.5, 0.7])}
+  assert series(panels["seqkd"]) == {
+    "seqkd_block0": ([4], [0.25]),
+    "seqkd_block1": ([8], [0.3]),
+    "seqkd_e2e": ([14], [0.6]),
+  }
+  assert series(panels["deeptwist"]) == {"deeptwist": ([5, 10], [0.6, 0.65])}
+
+  def distortions(ax):
+    return sorted(ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_gid() == "distortion")
+
+  assert distortions(panels["deeptwist"]) == [5, 10] and distortions(panels["seqkd"]) == []
+  for ax in panels.values():  # the dense net's test accuracy as a dashed line
+    assert series(ax, "dense") == {"dense (test)": ([0, 1], [0.7, 0.7])}
+  (ax,) = figs["accuracy_vs_params"].axes
+  pts = {c.get_label(): tuple(c.get_offsets()[0]) for c in ax.collections}
+  assert pts == {"dense": (100.0, 0.7), "deeptwist": (10.0, 0.66), "seqkd": (20.0, 0.61)}
+  assert "%" in ax.xaxis.get_major_formatter()(50, 0)
 
 
 def _small_state(sd=0, plan=None):
@@ -246,10 +318,10 @@ def test_non_finite_distortion_is_refused_and_counted():
 
 def test_seqkd_block_step_trains_only_its_block():
   model, graphdef, tx, _, state = _small_state()
-  cfg = steps_lib.StepConfig(num_classes=4, mean=(0.5,), std=(0.3,), loss="block", block=1)
+  cfg = steps_lib.StepConfig(num_classes=4, mean=(0.5,), std=(0.3,))
   mask = steps_lib.block_mask(state.params, 1)
   teacher = tnn.models.cnn(4, rngs=nnx.Rngs(1), widths=(4, 8, 8))
-  step = steps_lib.make_train_step(graphdef, tx, cfg, mask)
+  step = steps_lib.make_train_step(graphdef, tx, cfg, mask, loss=steps_lib.BlockMSE(1))
   ds = data_lib.synthetic()
   old = jax.tree.map(np.asarray, state.params)
   state, m = step(

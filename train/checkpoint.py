@@ -114,9 +114,11 @@ def steps_on_disk(folder: str) -> list[int]:
   return sorted((int(n) for n in os.listdir(d) if n.isdigit()), reverse=True)
 
 
-def save(folder: str, step: int, state, fingerprint: dict, *, keep: int) -> None:
+def save(folder: str, step: int, state, fingerprint: dict, *, keep: int, info=None) -> None:
   """Writes `state` as checkpoint `step` of `folder` (process 0 only) and keeps the last
-  `keep`. Raises `NonFiniteState`, saving nothing, if a floating leaf is not finite."""
+  `keep`. `info`: a JSON-able record kept beside it (not checked, not compared; `info`
+  reads it back). Raises `NonFiniteState`, saving nothing, if a floating leaf is not
+  finite."""
   if not all_finite(state):
     raise NonFiniteState(f"step {step}")
   if jax.process_index() != 0:
@@ -128,6 +130,7 @@ def save(folder: str, step: int, state, fingerprint: dict, *, keep: int) -> None
     format=FORMAT,
     step=int(step),
     fingerprint=fingerprint,
+    info=info or {},
     arrays={k: [list(a.shape), a.dtype.str, array_sha256(a)] for k, a in arrays.items()},
   )
   tmp = os.path.join(ckpt, f".tmp-{step}-{os.getpid()}")
@@ -187,6 +190,17 @@ def _read(path: str, abstract: dict) -> tuple[dict, dict]:
     if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
       raise ValueError(f"array {k!r} holds NaN or Inf")
   return arrays, meta
+
+
+def info(folder: str, step: int) -> dict:
+  """The `info` record saved with checkpoint `step` of `folder` ({} if it has none). Call it
+  for a step `restore` returned (its meta.json was read and checked then)."""
+  try:
+    with open(os.path.join(folder, "ckpt", str(step), "meta.json")) as f:
+      rec = json.load(f).get("info")
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return rec if isinstance(rec, dict) else {}
 
 
 def restore(folder: str, init_state, sharding, *, log=None):

@@ -70,6 +70,25 @@ class Split(NamedTuple):
     return self.images[idx], self.labels[idx]
 
 
+class Head(NamedTuple):
+  """The first `n` examples of `split`, read lazily (each process reads only the rows it
+  is asked for): the fixed test subset evaluated during training."""
+
+  split: SplitLike
+  n: int
+
+  @property
+  def num_examples(self) -> int:
+    return min(self.n, self.split.num_examples)
+
+  @property
+  def image_shape(self) -> tuple:
+    return self.split.image_shape
+
+  def take(self, idx, aug_seed=None) -> tuple[np.ndarray, np.ndarray]:
+    return self.split.take(idx, aug_seed)
+
+
 class Dataset(NamedTuple):
   name: str
   train: SplitLike

@@ -1,6 +1,8 @@
 """A whole run: dense pretraining, then each compression method from the dense net.
 
-Methods (`config.methods`, in order; `dense` always runs first):
+Methods (`config.methods`, in order; `dense` always runs first), each one phase function
+of `PHASES` (`fn(ctx, name, section, teacher, plan) -> (model, extra)`; a new method is a
+function added there and its config section, `docs/new_method.md`):
 
 - `deeptwist`: train the dense net, distorting the planned kernels every `sd` steps
   (the step count is rounded up to a multiple of `sd`, so the last step is a distortion);
@@ -32,15 +34,20 @@ weights of a ResNet: `train.teacher.init_from`); `dense.steps` then trains it fu
 (0: use it as it is).
 
 Every phase checkpoints in `workdir/<phase>/ckpt`; running the same command again
-resumes. Results: `workdir/results.json` (rows `method, params, macs, test_accuracy`, ...),
-`workdir/metrics.jsonl`, `workdir/accuracy_vs_step.png`, `workdir/accuracy_vs_params.png`.
+resumes. Results: `workdir/results.json` (rows `method, params, macs, test_accuracy,
+train_s, wall_s`, ...: `train_s` the seconds its phases trained, kept in their
+checkpoints across resumes; `wall_s` that plus this run's decomposition and evaluation),
+`workdir/metrics.jsonl` (train loss every `log_every` steps, accuracy on the first
+`eval_examples` test images every `eval_every` steps, one `result` line per method and
+change: re-evaluating a finished workdir adds none), `workdir/accuracy_vs_step.png`,
+`workdir/accuracy_vs_params.png`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import time
 
 import jax
@@ -54,9 +61,6 @@ from train import steps as steps_lib
 from train import teacher as teacher_lib
 from train import trainer
 from train import workdir as workdir_lib
-
-METHODS = ("dense", "deeptwist", "finetune", "seqkd", "e2ekd", "scratch")
-
 
 SD_RULES = ("", "quadratic")
 
@@ -74,10 +78,10 @@ def method_kind(config, name: str) -> str:
   """The method an entry of `config.methods` runs: its name, or its section's `kind`."""
   sub = config.get(name)
   kind = sub.get("kind", name) if sub is not None else name
-  if kind not in METHODS:
+  if kind not in PHASES:
     where = f"config.{name}.kind is {kind!r}" if kind != name else "no config section has a kind"
     raise ValueError(
-      f"config.methods: unknown method {name!r} ({where}); allowed {METHODS}, or a config "
+      f"config.methods: unknown method {name!r} ({where}); allowed {tuple(PHASES)}, or a config "
       "section whose `kind` is one of them."
     )
   if kind != "dense" and sub is None:
@@ -202,6 +206,226 @@ def build_model(config, ds) -> nnx.Module:
   )
 
 
+class Context:
+  """What every phase function gets besides its own section: the run's config, data set
+  and workdir, and the helpers that train, evaluate and record the same way for every
+  method.
+
+  `phase(name, model, c, ...)` is `trainer.run_phase` with the run's settings (steps,
+  optimizer and fingerprint from section `c`) and the test-subset evaluation; it also adds
+  the phase's training seconds (kept in its checkpoints across resumes) to the method's
+  time."""
+
+  def __init__(self, config, ds, workdir: str):
+    self.config, self.ds, self.workdir = config, ds, workdir
+    self.run_fp = _run_fingerprint(config)
+    self.dense_key = trainer.fingerprint_of(
+      dict(
+        self.run_fp,
+        dense=config.dense.to_dict(),
+        batch_size=config.batch_size,
+        seed=config.seed,
+      )
+    )
+    self.eval_subset = data_lib.Head(ds.test, config.get("eval_examples", 1000))
+    self.train_s = self.train_s_now = 0.0
+
+  def step_cfg(self, **kw) -> steps_lib.StepConfig:
+    return _step_cfg(self.config, self.ds, **kw)
+
+  def evaluate(self, model, split=None) -> float:
+    """Test accuracy of `model` on the whole test split (or `split`)."""
+    g, p, r = steps_lib.split_model(model)
+    return trainer.evaluate(g, p, r, split or self.ds.test, self.step_cfg())
+
+  def _subset_accuracy(self, graphdef, params, rest) -> float:
+    return trainer.evaluate(graphdef, params, rest, self.eval_subset, self.step_cfg())
+
+  def phase(self, name, model, c, *, steps=None, cfg=None, loss=None, teacher=None, parent=None):
+    """Trains `model` as phase `name` of the method whose config section is `c`."""
+    config = self.config
+    before = trainer.phase_seconds(self.workdir, name)
+    out = trainer.run_phase(
+      name,
+      self.workdir,
+      model,
+      self.ds,
+      cfg=cfg or self.step_cfg(),
+      loss=loss or steps_lib.CrossEntropy(),
+      teacher=teacher,
+      opt=dict(c.opt),
+      steps=c.get("steps", 0) if steps is None else steps,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      evaluate=self._subset_accuracy,
+      eval_every=config.get("eval_every", 0),
+      checkpoint_every=config.checkpoint_every,
+      keep=config.keep,
+      log_every=config.log_every,
+      resume=config.get("resume") or "",
+      fingerprint=dict(run=self.run_fp, section=c.to_dict(), **(parent or {})),
+    )
+    after = trainer.phase_seconds(self.workdir, name)
+    self.train_s += after
+    self.train_s_now += after - before
+    return out
+
+  def recompute_bn(self, model, c):
+    """`model` with BatchNorm statistics recomputed over `c.bn_batches` training batches."""
+    return trainer.recalibrate_bn(
+      model,
+      self.ds.train,
+      self.step_cfg(),
+      batches=c.bn_batches,
+      batch_size=self.config.batch_size,
+      seed=self.config.seed,
+    )
+
+  def decomposed(self, dense, plan, c, extra):
+    """`dense` decomposed by `plan`, its BatchNorm statistics recomputed at the new weights
+    when the section asks (`bn_batches`: the dense net's statistics no longer fit the
+    factorized convs' outputs). Records the accuracy before and after."""
+    student = tnn.compress(dense, plan)
+    extra["accuracy_after_decomposition"] = self.evaluate(student)
+    if c.get("bn_batches", 0):
+      student = self.recompute_bn(student, c)
+      extra["accuracy_after_bn_recalibration"] = self.evaluate(student)
+    return student
+
+
+def _run_fingerprint(config) -> dict:
+  """What shapes every phase of a run (each phase adds its own settings)."""
+  init_from = config.get("init_from") or ""
+  return dict(
+    model=config.model,
+    model_kwargs=dict(config.get("model_kwargs") or {}),
+    dataset=config.dataset,
+    image_size=config.get("image_size", 0),
+    pad_to=config.get("pad_to"),
+    augment=dict(config.augment),
+    label_smoothing=config.label_smoothing,
+    compute_dtype=config.compute_dtype,
+    init_from=ckpt_lib.file_sha256(init_from)[:16] if init_from else "",
+  )
+
+
+def _distillation(c) -> steps_lib.Distillation:
+  """The logit distillation of section `c` (`alpha`, `temperature`; unset: the defaults of
+  `train.steps.Distillation`)."""
+  kw = {k: c[k] for k in ("alpha", "temperature") if c.get(k) is not None}
+  return steps_lib.Distillation(**kw)
+
+
+# --- one phase function per method ------------------------------------------------------
+# `fn(ctx, name, c, teacher, plan) -> (model, extra)`: `name` is the `config.methods` entry
+# (its phases' folder names start with it), `c` its config section, `teacher` the dense
+# net, `plan` the `tnn.Plan` made for it; returns the final model and the row's extra
+# fields. `dense` is called with `teacher=None, plan=None` and returns the teacher.
+
+
+def dense_phase(ctx, name, c, teacher, plan):
+  """The dense net: from `config.init_from` if set, trained for `dense.steps`."""
+  config = ctx.config
+  model = build_model(config, ctx.ds)
+  check_plans(config, model)
+  if config.get("init_from"):
+    model = teacher_lib.init_from(model, config.model, config.init_from)
+  return ctx.phase(name, model, c), {}
+
+
+def deeptwist_phase(ctx, name, c, teacher, plan):
+  """DeepTwist: the dense net trained with a distortion every SD steps, then converted."""
+  groups = steps_lib.distortion_groups(teacher, plan)
+  sd, extra = c.get("sd", 0), {}
+  if c.get("sd_rule"):
+    est = _estimate_sd(ctx.config, ctx.ds, teacher, groups, c)
+    extra = {f"sd_{k}": v for k, v in est._asdict().items() if k != "sd"}
+    extra["sd_estimate"] = est.sd
+    sd = min(est.sd, c.sd_max) if c.get("sd_max") else est.sd  # sd_max: a run's length
+  steps = steps_lib.deeptwist_steps(c.steps, sd)
+  trained = ctx.phase(
+    name,
+    nnx.clone(teacher),
+    c,
+    steps=steps,
+    cfg=ctx.step_cfg(sd=sd, groups=groups),
+    parent=dict(parent=ctx.dense_key, plan=plan.to_json()),
+  )
+  extra["accuracy_last_distortion"] = ctx.evaluate(trained)
+  if c.get("bn_batches", 0):
+    trained = ctx.recompute_bn(trained, c)
+    extra["accuracy_before_conversion"] = ctx.evaluate(trained)
+  else:
+    extra["accuracy_before_conversion"] = extra["accuracy_last_distortion"]
+  return tnn.compress(trained, plan), dict(sd=sd, steps=steps, **extra)
+
+
+def finetune_phase(ctx, name, c, teacher, plan):
+  """The decomposed dense net, trained with cross-entropy (RSDTR's recipe)."""
+  extra = {}
+  student = ctx.decomposed(teacher, plan, c, extra)
+  parent = dict(parent=ctx.dense_key, plan=plan.to_json())
+  return ctx.phase(name, student, c, parent=parent), extra
+
+
+def e2ekd_phase(ctx, name, c, teacher, plan):
+  """The decomposed dense net, distilled end-to-end on the teacher's logits."""
+  extra = {}
+  student = ctx.decomposed(teacher, plan, c, extra)
+  parent = dict(parent=ctx.dense_key, plan=plan.to_json())
+  loss = _distillation(c)
+  return ctx.phase(name, student, c, loss=loss, teacher=teacher, parent=parent), extra
+
+
+def scratch_phase(ctx, name, c, teacher, plan):
+  """The same factorized net from random factors, trained with cross-entropy."""
+  student = tnn.factorize_random(teacher, plan, nnx.Rngs(ctx.config.seed + 1))
+  parent = dict(parent=ctx.dense_key, plan=plan.to_json())
+  return ctx.phase(name, student, c, parent=parent), {}
+
+
+def seqkd_phase(ctx, name, c, teacher, plan):
+  """TNN's Seq-KD: one block at a time to the teacher's block output (MSE, only that block
+  trains), then `e2e_steps` of logit distillation."""
+  extra = {}
+  student = ctx.decomposed(teacher, plan, c, extra)
+  parent = dict(parent=ctx.dense_key, plan=plan.to_json())
+  blocks = sorted({int(p.split(".")[1]) for p in plan.paths if p.startswith("blocks.")})
+  for b in blocks:
+    student = ctx.phase(
+      f"{name}_block{b}",
+      student,
+      c,
+      steps=c.block_steps,
+      loss=steps_lib.BlockMSE(b),
+      teacher=teacher,
+      parent=parent,
+    )
+  if c.e2e_steps:
+    student = ctx.phase(
+      f"{name}_e2e",
+      student,
+      c,
+      steps=c.e2e_steps,
+      loss=_distillation(c),
+      teacher=teacher,
+      parent=parent,
+    )
+  return student, extra
+
+
+# kind -> phase function. A new training method is one function added here (from anywhere:
+# `PHASES["name"] = fn`) and its config section (`docs/new_method.md`).
+PHASES = {
+  "dense": dense_phase,
+  "deeptwist": deeptwist_phase,
+  "finetune": finetune_phase,
+  "seqkd": seqkd_phase,
+  "e2ekd": e2ekd_phase,
+  "scratch": scratch_phase,
+}
+
+
 def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
   ds = dataset
   if ds is None:
@@ -217,171 +441,51 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
     *((config.pad_to,) * 2 if config.get("pad_to") else image_shape[:2]),
     image_shape[2],
   )
-  init_from = config.get("init_from") or ""
-  # What shapes every phase of this run (each phase adds its own settings).
-  run_fp = dict(
-    model=config.model,
-    model_kwargs=dict(config.get("model_kwargs") or {}),
-    dataset=config.dataset,
-    image_size=config.get("image_size", 0),
-    pad_to=config.get("pad_to"),
-    augment=dict(config.augment),
-    label_smoothing=config.label_smoothing,
-    compute_dtype=config.compute_dtype,
-    init_from=ckpt_lib.file_sha256(init_from)[:16] if init_from else "",
-  )
-  dense_key = trainer.fingerprint_of(
-    dict(run_fp, dense=config.dense.to_dict(), batch_size=config.batch_size, seed=config.seed)
-  )
-
-  def common(name, **fp):
-    c = config[name]
-    return dict(
-      opt=dict(c.opt),
-      steps=c.get("steps", 0),
-      batch_size=config.batch_size,
-      seed=config.seed,
-      checkpoint_every=config.checkpoint_every,
-      keep=config.keep,
-      log_every=config.log_every,
-      resume=config.get("resume") or "",
-      fingerprint=dict(run=run_fp, section=c.to_dict(), **fp),
-    )
-
-  def evaluate(model):
-    g, p, r = steps_lib.split_model(model)
-    return trainer.evaluate(g, p, r, ds.test, _step_cfg(config, ds))
-
+  ctx = Context(config, ds, workdir)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  logged = {m["phase"]: m for m in read_metrics(metrics_path)[0] if m.get("event") == "result"}
   rows = []
-
-  def _recalibrated(student, c, extra):
-    """A decomposed net, its BatchNorm statistics recomputed at its new weights when the
-    section asks (`bn_batches`): the dense net's statistics no longer fit the
-    factorized convs' outputs. Records the accuracy before and after."""
-    extra["accuracy_after_decomposition"] = evaluate(student)
-    if not c.get("bn_batches", 0):
-      return student
-    student = _recomputed_bn(student, c)
-    extra["accuracy_after_bn_recalibration"] = evaluate(student)
-    return student
-
-  def _recomputed_bn(model, c):
-    """`model` with BatchNorm statistics recomputed over `c.bn_batches` training batches."""
-    return trainer.recalibrate_bn(
-      model,
-      ds.train,
-      _step_cfg(config, ds),
-      batches=c.bn_batches,
-      batch_size=config.batch_size,
-      seed=config.seed,
-    )
 
   def record(method, model, t0, **extra):
     rep = tnn.report(model, in_shape)
+    other_s = time.time() - t0 - ctx.train_s_now  # decomposition, conversion, evaluation
     row = dict(
       method=method,
       params=rep["params"],
       macs=rep["macs"],
-      test_accuracy=evaluate(model),
+      test_accuracy=ctx.evaluate(model),
       conv_params=sum(r["params"] for r in rep["layers"] if "Conv" in r["type"]),
-      wall_s=round(time.time() - t0, 1),
+      train_s=round(ctx.train_s, 1),
+      wall_s=round(ctx.train_s + other_s, 1),
       **extra,
     )
     conv = row["conv_params"]
     row["conv_ratio"] = conv / (rows[0]["conv_params"] if rows else conv)  # rows[0]: dense
     rows.append(row)
     print(json.dumps(row), flush=True)
-    if jax.process_index() == 0:  # the phase's summary in the metrics stream too
-      with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    old = logged.get(method, {})
+    same = all(old.get(k) == row[k] for k in ("test_accuracy", "params", "train_s"))
+    if jax.process_index() == 0 and not same:  # a re-evaluation adds no duplicate row
+      with open(metrics_path, "a") as f:
         f.write(json.dumps({"phase": method, "event": "result", **row}) + "\n")
-    return row
 
-  t0 = time.time()
-  dense = build_model(config, ds)
-  check_plans(config, dense)
-  if init_from:
-    dense = teacher_lib.init_from(dense, config.model, init_from)
-  dense = trainer.run_phase(
-    "dense", workdir, dense, ds, cfg=_step_cfg(config, ds), **common("dense")
-  )
-  record("dense", dense, t0)
-
-  for method in config.methods:
+  dense = None
+  for method in ("dense", *(m for m in config.methods if m != "dense")):
     kind = method_kind(config, method)
-    if kind == "dense":
+    if kind == "dense" and method != "dense":
       continue
-    t0 = time.time()
+    t0, ctx.train_s, ctx.train_s_now = time.time(), 0.0, 0.0
     c = config[method]
-    plan = tnn.make_plan(dense, c.method, **_plan_kwargs(c))
-    with open(os.path.join(workdir, f"plan_{method}.json"), "w") as f:
-      f.write(plan.to_json())
-    child = dict(parent=dense_key, plan=plan.to_json())
-    tag = (
-      dict(kind=kind, method_detail=c.method) if kind != method else dict(method_detail=c.method)
-    )
-    if kind == "deeptwist":
-      groups = steps_lib.distortion_groups(dense, plan)
-      sd, extra = c.get("sd", 0), {}
-      if c.get("sd_rule"):
-        est = _estimate_sd(config, ds, dense, groups, c)
-        extra = {f"sd_{k}": v for k, v in est._asdict().items() if k != "sd"}
-        extra["sd_estimate"] = est.sd
-        sd = min(est.sd, c.sd_max) if c.get("sd_max") else est.sd  # sd_max: a run's length
-      steps = math.ceil(c.steps / sd) * sd  # the last step is a distortion
-      cfg = _step_cfg(config, ds, sd=sd, groups=groups)
-      com = common(method, **child) | {"steps": steps}
-      trained = trainer.run_phase(method, workdir, nnx.clone(dense), ds, cfg=cfg, **com)
-      extra["accuracy_last_distortion"] = evaluate(trained)
-      if c.get("bn_batches", 0):
-        trained = _recomputed_bn(trained, c)
-        extra["accuracy_before_conversion"] = evaluate(trained)
-      else:
-        extra["accuracy_before_conversion"] = extra["accuracy_last_distortion"]
-      final = tnn.compress(trained, plan)
-      record(method, final, t0, **tag, sd=sd, steps=steps, **extra)
-    elif kind in ("finetune", "e2ekd", "scratch"):
-      extra = {}
-      if kind == "scratch":
-        student = tnn.factorize_random(dense, plan, nnx.Rngs(config.seed + 1))
-      else:
-        student = _recalibrated(tnn.compress(dense, plan), c, extra)
-      kd = kind == "e2ekd"
-      cfg = _step_cfg(
-        config,
-        ds,
-        loss="kd" if kd else "ce",
-        alpha=c.get("alpha", 0.9),
-        temperature=c.get("temperature", 4.0),
-      )
-      final = trainer.run_phase(
-        method,
-        workdir,
-        student,
-        ds,
-        cfg=cfg,
-        teacher=dense if kd else None,
-        **common(method, **child),
-      )
-      record(method, final, t0, **tag, **extra)
-    elif kind == "seqkd":
-      extra = {}
-      student = _recalibrated(tnn.compress(dense, plan), c, extra)
-      blocks = sorted({int(p.split(".")[1]) for p in plan.paths if p.startswith("blocks.")})
-      for b in blocks:
-        cfg = _step_cfg(config, ds, loss="block", block=b)
-        com = common(method, **child) | {"steps": c.block_steps}
-        student = trainer.run_phase(
-          f"{method}_block{b}", workdir, student, ds, cfg=cfg, teacher=dense, mask_block=b, **com
-        )
-      if c.e2e_steps:
-        cfg = _step_cfg(
-          config, ds, loss="kd", alpha=c.get("alpha", 0.9), temperature=c.get("temperature", 4.0)
-        )
-        com = common(method, **child) | {"steps": c.e2e_steps}
-        student = trainer.run_phase(
-          f"{method}_e2e", workdir, student, ds, cfg=cfg, teacher=dense, **com
-        )
-      record(method, student, t0, **tag, **extra)
+    plan, tag = None, {}
+    if kind != "dense":
+      plan = tnn.make_plan(dense, c.method, **_plan_kwargs(c))
+      with open(os.path.join(workdir, f"plan_{method}.json"), "w") as f:
+        f.write(plan.to_json())
+      tag = dict(method_detail=c.method) | (dict(kind=kind) if kind != method else {})
+    model, extra = PHASES[kind](ctx, method, c, dense, plan)
+    if kind == "dense":
+      dense = model
+    record(method, model, t0, **tag, **extra)
 
   if jax.process_index() != 0:  # one writer under jax.distributed
     return rows
@@ -452,37 +556,92 @@ def read_metrics(path: str) -> tuple[list, int]:
   return rows, bad
 
 
-def plots(workdir: str, rows: list) -> None:
+def method_phases(method: str, phases) -> list:
+  """The phases of `phases` that belong to `config.methods` entry `method`, in training
+  order: the method's own phase, or its Seq-KD blocks then its end-to-end phase."""
+  own = [p for p in phases if p == method or re.fullmatch(re.escape(method) + r"_block\d+", p)]
+  own.sort(key=lambda p: int(p.rsplit("block", 1)[1]) if p != method else -1)
+  return own + [p for p in phases if p == f"{method}_e2e"]
+
+
+def step_curves(metrics: list, rows: list) -> dict:
+  """`{method: [(phase, [step], [test accuracy]), ...]}`: each method's test-subset accuracy
+  on one step axis that runs on across its phases (a phase starts where the previous one
+  ended). A step logged twice (a resumed run) counts once, the later line."""
+  logs = [m for m in metrics if "step" in m and m.get("event") != "result"]
+  phases = list(dict.fromkeys(m["phase"] for m in logs))
+  out = {}
+  for r in rows:
+    offset, curves = 0, []
+    for p in method_phases(r["method"], phases):
+      mine = [m for m in logs if m["phase"] == p]
+      acc = dict(
+        sorted({m["step"]: m["test_accuracy"] for m in mine if "test_accuracy" in m}.items())
+      )
+      curves.append((p, [offset + s for s in acc], list(acc.values())))
+      offset += max(m["step"] for m in mine)
+    out[r["method"]] = curves
+  return out
+
+
+def plots(workdir: str, rows: list) -> dict:
+  """`accuracy_vs_step.png` (one panel per method: test-subset accuracy on a step axis
+  that runs on across the method's phases, the dense net's test accuracy as a dashed
+  line, DeepTwist's distortions as grey lines) and `accuracy_vs_params.png` (test accuracy
+  against the share of conv parameters kept, in percent; the dense point at 100%).
+  Returns the two figures (closed; their data stay readable)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
   metrics, bad = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   if bad:
     print(f"metrics.jsonl: {bad} unreadable line(s) skipped in the plots")
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for phase in sorted({m["phase"] for m in metrics}):
-    pts = [(m["step"], m["accuracy"]) for m in metrics if m["phase"] == phase and "accuracy" in m]
-    if pts:
-      ax.plot(*zip(*pts, strict=True), label=phase)
-  for r in rows:
+  curves = step_curves(metrics, rows)
+  dense_acc = rows[0]["test_accuracy"] if rows else None
+  n = max(len(rows), 1)
+  cols = min(3, n)
+  fig, axes = plt.subplots(
+    -(-n // cols), cols, figsize=(4.2 * cols, 3.0 * -(-n // cols)), squeeze=False
+  )
+  for ax in axes.flat[len(rows) :]:
+    ax.set_visible(False)
+  for ax, r in zip(axes.flat, rows, strict=False):
+    for phase, xs, ys in curves.get(r["method"], []):
+      if xs:
+        ax.plot(xs, ys, marker=".", ms=3, lw=1, label=phase)
     if r.get("kind", r["method"]) == "deeptwist":
-      for s in range(r["sd"], r["steps"] + 1, r["sd"]):
-        ax.axvline(s, color="grey", lw=0.5, alpha=0.5)
-  ax.set_xlabel("step (grey: DeepTwist distortions)")
-  ax.set_ylabel("train accuracy (batch)")
-  ax.legend(fontsize=7)
+      for s in steps_lib.distortion_steps(r["steps"], r["sd"]):
+        ax.axvline(s, color="grey", lw=0.4, alpha=0.4, gid="distortion")
+    if dense_acc is not None:
+      ax.axhline(dense_acc, color="k", ls="--", lw=0.8, label="dense (test)", gid="dense")
+    ax.set_title(f"{r['method']}: {r['test_accuracy']:.4f}", fontsize=9)
+    ax.set_xlabel("step" + (" (grey: distortions)" if r.get("sd") else ""), fontsize=8)
+    ax.set_ylabel("test accuracy (subset)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "accuracy_vs_step.png"), dpi=120)
+  fig.savefig(os.path.join(workdir, "accuracy_vs_step.png"), dpi=110)
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(5, 4))
+  fig2, ax = plt.subplots(figsize=(5.5, 4))
   for r in rows:
-    ax.scatter(r["params"], r["test_accuracy"])
-    ax.annotate(r["method"], (r["params"], r["test_accuracy"]), fontsize=8)
-  ax.set_xscale("log")
-  ax.set_xlabel("parameters")
+    ax.scatter(100 * r.get("conv_ratio", 1.0), r["test_accuracy"], label=r["method"], s=25)
+  if dense_acc is not None:
+    ax.axhline(dense_acc, color="k", ls="--", lw=0.8)
+  share = [100 * r.get("conv_ratio", 1.0) for r in rows] or [100.0]
+  if min(share) < 5:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.FixedLocator([1, 2, 5, 10, 20, 50, 100]))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g%%"))
+  else:
+    ax.set_xlim(0, 105)
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g%%"))
+  ax.set_xlabel("conv parameters kept")
   ax.set_ylabel("test accuracy")
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "accuracy_vs_params.png"), dpi=120)
-  plt.close(fig)
+  ax.legend(fontsize=7, loc="lower right")
+  fig2.tight_layout()
+  fig2.savefig(os.path.join(workdir, "accuracy_vs_params.png"), dpi=110)
+  plt.close(fig2)
+  return {"accuracy_vs_step": fig, "accuracy_vs_params": fig2}

@@ -45,14 +45,99 @@ class StepConfig:
   flip: bool = False
   label_smoothing: float = 0.0
   compute_dtype: str = "float32"
-  # DeepTwist: distort every `sd` steps (after the update of steps sd, 2 sd, ...).
+  # DeepTwist: distort every `sd` steps (after the update of steps sd, 2 sd, ...:
+  # `is_distortion`).
   sd: int = 0
   groups: tuple = ()  # ((LayerPlan, (path, ...)), ...)
-  # Distillation: 'ce' (plain), 'kd' (logits; alpha, temperature), 'block' (Seq-KD block).
-  loss: str = "ce"
+
+
+def is_distortion(step, sd: int):
+  """Whether DeepTwist distorts after the update of (1-based) `step`: every `sd` steps."""
+  return step % sd == 0
+
+
+def deeptwist_steps(steps: int, sd: int) -> int:
+  """A DeepTwist run's length: `steps` rounded up to a multiple of `sd`, so that its last
+  step is a distortion (the net it ends with is exactly low-rank)."""
+  return -(-steps // sd) * sd
+
+
+def distortion_steps(steps: int, sd: int) -> range:
+  """The (1-based) steps of a `steps`-step DeepTwist run after which it distorts."""
+  return range(sd, steps + 1, sd)
+
+
+# --- losses: what a train step minimises ----------------------------------------------
+# A loss is a hashable callable `loss(model, x, labels, target, cfg) -> (value, logits or
+# None)` with `teacher_target(teacher_model, x)` (what it needs from the frozen teacher;
+# `needs_teacher` False: nothing), `block` (the one block it trains, or None) and
+# `fingerprint()` (its settings, for the phase's fingerprint).
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy:
+  """Cross-entropy on the labels (with `cfg.label_smoothing`)."""
+
+  needs_teacher = False
+  block = None
+
+  def teacher_target(self, teacher, x):
+    return None
+
+  def __call__(self, model, x, labels, target, cfg):
+    logits = model(x)
+    return _cross_entropy(logits, labels, cfg.num_classes, cfg.label_smoothing), logits
+
+  def fingerprint(self) -> dict:
+    return dict(loss="ce", alpha=0.9, temperature=4.0, block=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """Hinton et al.'s distillation on logits: `alpha * T^2 * CE(softmax(s/T), softmax(t/T))
+  + (1 - alpha) * CE(labels)`. The defaults are TNN's (the configs' `alpha`, `temperature`
+  fall back to them)."""
+
   alpha: float = 0.9
   temperature: float = 4.0
-  block: int = -1
+  needs_teacher = True
+  block = None
+
+  def teacher_target(self, teacher, x):
+    return teacher(x)
+
+  def __call__(self, model, x, labels, target, cfg):
+    logits = model(x)
+    ce = _cross_entropy(logits, labels, cfg.num_classes, cfg.label_smoothing)
+    t = self.temperature
+    soft = jax.nn.softmax(target.astype(jnp.float32) / t)
+    kd = optax.softmax_cross_entropy(logits.astype(jnp.float32) / t, soft).mean() * t * t
+    return self.alpha * kd + (1 - self.alpha) * ce, logits
+
+  def fingerprint(self) -> dict:
+    return dict(loss="kd", alpha=self.alpha, temperature=self.temperature, block=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMSE:
+  """Seq-KD (TNN): the student's block `block`, fed the teacher's input to that block,
+  matches the teacher's output of it (MSE); only that block trains (`block`: the train
+  step masks every other parameter)."""
+
+  block: int
+  needs_teacher = True
+
+  def teacher_target(self, teacher, x):
+    feats = teacher.features(x)
+    return feats[self.block], feats[self.block + 1]
+
+  def __call__(self, model, x, labels, target, cfg):
+    feats_in, want = target
+    y = model.blocks[self.block](feats_in)
+    return jnp.mean(jnp.square(y.astype(jnp.float32) - want.astype(jnp.float32))), None
+
+  def fingerprint(self) -> dict:
+    return dict(loss="block", alpha=0.9, temperature=4.0, block=self.block)
 
 
 def split_model(model: nnx.Module):
@@ -128,54 +213,40 @@ def _masked(tree, mask):
   return jax.tree.map(lambda a, m: a * m, tree, mask)
 
 
-def _loss(graphdef, cfg: StepConfig, params, rest, x, labels, teacher_out):
+def _loss(graphdef, cfg: StepConfig, loss, params, rest, x, labels, target):
   """(loss, (logits or None, new BatchNorm statistics)) of one train-mode forward pass."""
   model = set_compute_dtype(nnx.merge(graphdef, params, rest, copy=True), cfg.compute_dtype)
   model.train()
-  if cfg.loss == "block":
-    feats_in, target = teacher_out
-    y = model.blocks[cfg.block](feats_in)
-    loss = jnp.mean(jnp.square(y.astype(jnp.float32) - target.astype(jnp.float32)))
-    logits = None
-  else:
-    logits = model(x)
-    loss = _cross_entropy(logits, labels, cfg.num_classes, cfg.label_smoothing)
-    if cfg.loss == "kd":
-      t = cfg.temperature
-      soft = jax.nn.softmax(teacher_out.astype(jnp.float32) / t)
-      kd = optax.softmax_cross_entropy(logits.astype(jnp.float32) / t, soft).mean() * t * t
-      loss = cfg.alpha * kd + (1 - cfg.alpha) * loss
+  value, logits = loss(model, x, labels, target, cfg)
   _, _, new_rest = split_model(model)
-  return loss, (logits, new_rest)
+  return value, (logits, new_rest)
 
 
-def make_train_step(graphdef, tx, cfg: StepConfig, mask=None) -> Callable:
+def make_train_step(graphdef, tx, cfg: StepConfig, mask=None, *, loss=None) -> Callable:
   """`train_step(state, batch, teacher=None) -> (state, metrics)`, jitted, state donated.
 
-  `batch = (images uint8 (N, H, W, C), labels int32 (N,))`. `teacher = (graphdef, params,
-  rest)` for the distillation losses. `mask` (a params-shaped tree of 0/1) freezes the
-  params it zeroes (Seq-KD trains one block at a time).
+  `batch = (images uint8 (N, H, W, C), labels int32 (N,))`. `loss`: `CrossEntropy` (default),
+  `Distillation` or `BlockMSE` (or any callable of that form); `teacher = (graphdef,
+  params, rest)` for the losses that need one. `mask` (a params-shaped tree of 0/1) freezes
+  the params it zeroes (`block_mask(params, loss.block)` for `BlockMSE`).
   """
 
-  def loss_fn(params, rest, x, labels, teacher_out):
-    return _loss(graphdef, cfg, params, rest, x, labels, teacher_out)
+  loss = loss or CrossEntropy()
+
+  def loss_fn(params, rest, x, labels, target):
+    return _loss(graphdef, cfg, loss, params, rest, x, labels, target)
 
   def train_step(state: TrainState, batch, teacher=None):
     images, labels = batch
     key, k_aug = jax.random.split(jax.random.wrap_key_data(state.key))
     x = _prepare(cfg, images, k_aug, train=True)
-    teacher_out = None
+    target = None
     if teacher is not None:
       t_model = set_compute_dtype(nnx.merge(*teacher, copy=True), cfg.compute_dtype)
       t_model.eval()
-      if cfg.loss == "block":
-        feats = t_model.features(x)
-        teacher_out = (feats[cfg.block], feats[cfg.block + 1])
-      else:
-        teacher_out = t_model(x)
-      teacher_out = jax.lax.stop_gradient(teacher_out)
-    (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.rest, x, labels, teacher_out
+      target = jax.lax.stop_gradient(loss.teacher_target(t_model, x))
+    (value, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state.rest, x, labels, target
     )
     if mask is not None:
       grads = _masked(grads, mask)
@@ -193,10 +264,10 @@ def make_train_step(graphdef, tx, cfg: StepConfig, mask=None) -> Callable:
         return split_model(model)[1], n
 
       params, n = jax.lax.cond(
-        step % cfg.sd == 0, distort, lambda p: (p, jnp.zeros((), jnp.int32)), params
+        is_distortion(step, cfg.sd), distort, lambda p: (p, jnp.zeros((), jnp.int32)), params
       )
       refused = refused + n
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads)}
     if logits is not None:
       metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
     state = TrainState(step, params, new_rest, opt_state, jax.random.key_data(key), refused)
@@ -235,14 +306,14 @@ def make_recalibrate_step(graphdef, cfg: StepConfig) -> Callable:
 def sd_estimate(model: nnx.Module, cfg: StepConfig, batches, *, lr, momentum, recover):
   """DeepTwist SD at `model`'s weights for the distortion of `cfg.groups` (`train.sd_rule`).
 
-  `batches`: (images uint8, labels) pairs; the loss is `cfg`'s train loss, un-augmented.
+  `batches`: (images uint8, labels) pairs; the loss is the cross-entropy, un-augmented.
   """
   graphdef, params, rest = split_model(model)
 
   def loss_fn(p, batch):
     images, labels = batch
     x = _prepare(cfg, images, None, train=False)
-    return _loss(graphdef, cfg, p, rest, x, labels, None)[0]
+    return _loss(graphdef, cfg, CrossEntropy(), p, rest, x, labels, None)[0]
 
   @jax.jit
   def distort(p):

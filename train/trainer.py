@@ -317,8 +317,10 @@ def run_phase(
   steps: int,
   batch_size: int,
   seed: int,
+  loss=None,
   teacher: nnx.Module | None = None,
-  mask_block: int | None = None,
+  evaluate: Callable | None = None,
+  eval_every: int = 0,
   checkpoint_every: int = 200,
   keep: int = 2,
   log_every: int = 50,
@@ -328,13 +330,21 @@ def run_phase(
 ) -> nnx.Module:
   """Trains `model` for `steps` steps in `workdir/name`; returns the trained model.
 
-  `fingerprint`: what the caller knows shapes this phase (model, plan, parent phase); the
-  optimizer, steps, batch size, seed and step settings are added here. `resume="force"`
-  continues from a checkpoint whose fingerprint differs (the caller records that).
-  `stop_after` (tests) stops the loop after that many steps of this invocation, as a kill
-  would, leaving the checkpoints as they are.
+  `loss`: a `train.steps` loss (default `CrossEntropy`; `BlockMSE` trains only its
+  block); `teacher` for the losses that need one. `evaluate(graphdef, params, rest) ->
+  accuracy` (on a fixed test subset) is logged as `test_accuracy` every `eval_every` steps
+  and at the end (0: never); it reads the state and changes nothing. `fingerprint`: what
+  the caller knows shapes this phase (model, plan, parent phase); the optimizer, steps,
+  batch size, seed, loss and step settings are added here. `resume="force"` continues from
+  a checkpoint whose fingerprint differs (the caller records that). `stop_after` (tests)
+  stops the loop after that many steps of this invocation, as a kill would, leaving the
+  checkpoints as they are.
+
+  Each checkpoint keeps `train_s`, the seconds this phase's loop has run over all its
+  invocations (`phase_seconds`), so a resumed or re-evaluated run reports its real time.
   """
   check_batch(batch_size)
+  loss = loss or steps_lib.CrossEntropy()
   folder = os.path.abspath(os.path.join(workdir, name))
   os.makedirs(folder, exist_ok=True)
   tx, sched = make_optimizer(opt, steps)
@@ -349,8 +359,9 @@ def run_phase(
         steps=steps,
         batch_size=batch_size,
         seed=seed,
-        mask_block=mask_block,
+        mask_block=loss.block,
         step_config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "groups"}
+        | loss.fingerprint()
         | {"groups": [[str(lp), list(paths)] for lp, paths in cfg.groups]},
         state_shapes={k: list(v.shape) for k, v in ckpt_lib.named_leaves(state).items()},
       ),
@@ -360,8 +371,10 @@ def run_phase(
   mesh = _mesh()
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   restored = ckpt_lib.restore(folder, state, replicated)
+  train_s = 0.0
   if restored is not None:
     state, at, old_fp = restored
+    train_s = float(ckpt_lib.info(folder, at).get("train_s", 0.0))
     diff = fingerprint_diff(old_fp or {}, fp)
     if diff and resume != "force":
       shown = diff[:6] + ([f"and {len(diff) - 6} more"] if len(diff) > 6 else [])
@@ -375,9 +388,9 @@ def run_phase(
       print(f"[{name}] resumed under changed settings (resume=force): {'; '.join(diff)}")
   state = jax.device_put(state, replicated)
   mask = None
-  if mask_block is not None:
-    mask = steps_lib.block_mask(state.params, mask_block)
-  step_fn = steps_lib.make_train_step(graphdef, tx, cfg, mask)
+  if loss.block is not None:
+    mask = steps_lib.block_mask(state.params, loss.block)
+  step_fn = steps_lib.make_train_step(graphdef, tx, cfg, mask, loss=loss)
   t_args = None
   if teacher is not None:
     tg, tp, tr = steps_lib.split_model(teacher)
@@ -386,7 +399,8 @@ def run_phase(
   n = dataset.train.num_examples
   start = int(state.step)
   logger.start(start)
-  t0, seen = time.time(), 0
+  t_start = t0 = time.time()
+  seen = 0
 
   def read(s):  # batch `s` of this process, read on the host (a pure function of s)
     idx = data_lib.batch_indices(n, batch_size, seed, s)
@@ -409,18 +423,24 @@ def run_phase(
       state, metrics = step_fn(state, batch, t_args) if t_args else step_fn(state, batch)
       seen += batch_size
       done = s + 1
+      row = {}
       if done % log_every == 0 or done == steps:
         row = {k: float(v) for k, v in jax.device_get(metrics).items()}
         dt = time.time() - t0
         row.update(step=done, lr=float(sched(done - 1)), images_per_s=seen / max(dt, 1e-9))
         if cfg.sd:
           row["refused"] = int(state.refused)
-          row["distorted"] = done % cfg.sd == 0
-        logger.log(row)
+          row["distorted"] = bool(steps_lib.is_distortion(done, cfg.sd))
         t0, seen = time.time(), 0
+      if evaluate is not None and eval_every and (done % eval_every == 0 or done == steps):
+        row.update(step=done, test_accuracy=float(evaluate(graphdef, state.params, state.rest)))
+        t0 = time.time()  # the evaluation is not counted in the next images/s
+      if row:
+        logger.log(row)
       if done % checkpoint_every == 0 or done == steps:
+        info = dict(train_s=round(train_s + time.time() - t_start, 1))
         try:
-          ckpt_lib.save(folder, done, state, fp, keep=keep)
+          ckpt_lib.save(folder, done, state, fp, keep=keep, info=info)
         except ckpt_lib.NonFiniteState:
           good = ckpt_lib.steps_on_disk(folder)
           raise FloatingPointError(
@@ -434,3 +454,11 @@ def run_phase(
     reader.shutdown(cancel_futures=True)
     logger.close()
   return nnx.merge(graphdef, state.params, state.rest)
+
+
+def phase_seconds(workdir: str, name: str) -> float:
+  """The seconds phase `name` of `workdir` has trained, over all its invocations (its
+  newest checkpoint's `train_s`; 0 if it has none)."""
+  folder = os.path.abspath(os.path.join(workdir, name))
+  on_disk = ckpt_lib.steps_on_disk(folder)
+  return float(ckpt_lib.info(folder, on_disk[0]).get("train_s", 0.0)) if on_disk else 0.0

@@ -31,7 +31,15 @@ import time
 from train import checkpoint as ckpt_lib
 from train.trainer import ConfigMismatch, fingerprint_diff
 
-IGNORED = ("log_every", "checkpoint_every", "keep", "resume", "data_dir", "eval_every")
+IGNORED = (
+  "log_every",
+  "checkpoint_every",
+  "keep",
+  "resume",
+  "data_dir",
+  "eval_every",
+  "eval_examples",
+)
 
 
 class WorkdirLocked(RuntimeError):

@@ -57,6 +57,8 @@ def base(dataset: str, model: str, *, batch_size: int = 128) -> ml_collections.C
   c.checkpoint_every = 1000
   c.keep = 2
   c.log_every = 100
+  c.eval_every = 500  # test accuracy on the first `eval_examples` test images (the plots)
+  c.eval_examples = 1000
   return c
 
 

@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.augment = section(crop_pad=0, flip=False)  # 28x28, no augmentation
   c.checkpoint_every = 200
   c.log_every = 20
+  c.eval_every = 80
   c.methods = ("dense", "deeptwist", "finetune", "seqkd")
   if "pretrain" in t:
     c.dense = section(steps=800, opt=opt(0.05))
