@@ -120,8 +120,8 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
 def _layer(kind, c, ratio, dtype):
   """A factorized 3x3 conv `c -> c` at `ratio` (the plan's rank rule), random factors."""
   w_shape = (3, 3, c, c)
-  lp = plan_lib._ratio_plan(kind, w_shape, ratio, None, None)
-  cls = plan_lib._CONV_CLASS[kind]
+  lp = plan_lib.ratio_layer_plan(kind, w_shape, ratio)
+  cls = plan_lib.layer_class(kind)
   return cls(c, c, (3, 3), *lp.hyper_args(), use_bias=False, dtype=dtype, rngs=nnx.Rngs(0))
 
 

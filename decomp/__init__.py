@@ -24,7 +24,7 @@ from decomp.ranks import (
   vbmf_rank,
 )
 from decomp.rsdtr import RSDTR, rsdtr, rsdtr_many, rsdtr_stack, tr_storage
-from decomp.train_ring import tr_max_ranks, tr_svd, tt_max_ranks, tt_svd
+from decomp.tt_tr import tr_max_ranks, tr_svd, tt_max_ranks, tt_svd
 from decomp.tucker import hooi, hosvd, tucker2, tucker2_sweep
 
 __all__ = [

@@ -2,9 +2,8 @@
 
 On CPU, XLA lowers `eigh`, `svd`, `cholesky`, ... to jaxlib's LAPACK kernels, which call
 the OpenBLAS that scipy ships. A batched call runs one small problem after another (here
-64-576 on a side), and OpenBLAS's threading of each costs more than it gains: on a 2-core
-CPU the RSDTR search of ResNet-32 at eps 0.3 took 74 ms with OpenBLAS's default 2
-threads and 52 ms with one (median of 20 runs each).
+64-576 on a side), and OpenBLAS's threading of each costs more than it gains (the README
+gives the RSDTR search's time with the default threads and with one, `benchmarks.decomp`).
 Environment variables (`OPENBLAS_NUM_THREADS`) act only when the library is loaded, so
 the host-driven searches (`decomp.rsdtr`) run under `single_threaded_blas()`, which
 limits every loaded BLAS (threadpoolctl) and restores it on exit. The limit is

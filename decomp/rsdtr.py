@@ -19,7 +19,7 @@ paper's loop runs each from scratch): the first truncation of each shift is done
 per kernel, not once per split, batched over the kernels of one shape; a lower bound on
 each candidate's storage (`_lower_bound`, from eps-ranks of the kernel's unfoldings at
 the error the sweep has left) skips the candidates that cannot win; the others are
-evaluated for their ranks only (`decomp.train_ring._tr_rest_ranks`: no orthonormal
+evaluated for their ranks only (``_tr_rest_ranks` below`: no orthonormal
 factors, no cores), all of a shape in one call per round, grouped by static pad sizes
 with the split traced; only the winners' cores are computed. Four transfers to the host
 in all, of ranks and spectra, and of the winners' cores.
@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp import _blas, _checks, _xla_cpu
-from decomp._linalg import tail_rank
+from decomp._linalg import eigh_desc, eigvalsh_desc, mm, tail_rank
 from decomp.factors import TR, num_params, reconstruct
-from decomp.train_ring import _spectrum, _tr_first, _tr_rest, _tr_rest_ranks, divisor_pairs
+from decomp.tt_tr import capped_rank, divisor_pairs, split_first_rank, tr_first, tr_rest
 
 RING_AXES = (2, 0, 1, 3)  # kernel (d_h, d_w, S, T) -> ring (S, d_h, d_w, T)
 KERNEL_AXES = (1, 2, 0, 3)  # ring (S, d_h, d_w, T) -> kernel (d_h, d_w, S, T)
@@ -96,6 +96,54 @@ def tr_storage(shape, ranks) -> int:
   return sum(ranks[k] * shape[k] * ranks[(k + 1) % n] for k in range(n))
 
 
+def _tr_rest_ranks(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
+  """The ranks `(R_2, ..., R_{N-1})` that `tr_rest` finds, without its cores.
+
+  What a search needs from a candidate. A rank depends on the spectrum of its unfolding
+  only, and that spectrum does not change when the previous core's columns are rotated
+  within their span (the rotation acts on the rows of the unfolding), so the sweep keeps
+  no orthonormal left factors: `rest = Sigma V^T` comes straight from `eigh` of the
+  column Gram matrix of a tall unfolding (no polar step), and the last unfolding needs
+  its singular values only.
+  """
+  _, t = split_first_rank(u, rest, r0, r1, p0, p1)
+  dims = t.shape[1:-1]
+  m = t.reshape(p1 * dims[0], -1)
+  found, r_prev = [], jnp.asarray(r1, jnp.int32)
+  for k in range(len(dims) - 1):
+    last = k == len(dims) - 2
+    s, rest_k = _spectrum(m, method, with_rest=not last)
+    cols = math.prod(dims[k + 1 :]) * jnp.asarray(r0, jnp.int32)
+    r = capped_rank(s, delta, dims[k] * r_prev, cols)
+    found.append(r)
+    r_prev = r
+    if not last:
+      keep = jnp.arange(rest_k.shape[0], dtype=jnp.int32) < r
+      rest_k = rest_k * keep[:, None].astype(rest_k.dtype)
+      m = rest_k.reshape(rest_k.shape[0] * dims[k + 1], -1)
+  return jnp.stack(found) if found else jnp.zeros((0,), jnp.int32)
+
+
+def _spectrum(m: jax.Array, method: str, with_rest: bool):
+  """Singular values of `m` and, if asked, `rest` `(min(a, b), b)` with `rest^T rest = m^T m`
+  whose row space is `m`'s leading right singular subspace, in order."""
+  a, b = m.shape
+  if method == "svd":
+    if not with_rest:
+      return jnp.linalg.svd(m, compute_uv=False), None
+    _, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    return s, s[:, None] * vt
+  g = mm(m, m.T) if a <= b else mm(m.T, m)
+  if not with_rest:
+    return jnp.sqrt(jnp.maximum(eigvalsh_desc(g), 0)), None
+  if a <= b:
+    lam, w = eigh_desc(g)
+    return jnp.sqrt(jnp.maximum(lam, 0)), mm(w.T, m)
+  lam, v = eigh_desc(g)
+  s = jnp.sqrt(jnp.maximum(lam, 0))
+  return s, s[:, None] * v.T
+
+
 def _pad(n: int) -> int:
   """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, then the multiples of 8, that is >= n.
 
@@ -128,7 +176,7 @@ def _first_steps(kernels, eps, method):
   firsts, ranks, spectra = [], [], []
   for shift in range(4):
     x = jnp.transpose(rings, _shift_axes(shift))
-    u, s, rest = jax.vmap(lambda y: _tr_first(y, method))(x)
+    u, s, rest = jax.vmap(lambda y: tr_first(y, method))(x)
     firsts.append((u, rest))
     ranks.append(jax.vmap(tail_rank)(s, delta))
     spectra.append(s)
@@ -153,7 +201,7 @@ def _evaluate(firsts, delta, items, groups, sizes, method, cores):
     idx, r0, r1 = items[:, start : start + size]
     start += size
     u, rest = firsts[shift]
-    fn = functools.partial(_tr_rest if cores else _tr_rest_ranks, p0=p0, p1=p1, method=method)
+    fn = functools.partial(tr_rest if cores else _tr_rest_ranks, p0=p0, p1=p1, method=method)
     out.append(jax.vmap(fn)(u[idx], rest[idx], r0, r1, delta[idx]))
   return out
 
@@ -181,11 +229,10 @@ def _executables(jobs: list) -> list:
   compiled once per process.
 
   A first search compiles dozens of programs, and XLA's CPU compiler keeps only part of
-  a 2-core machine busy with one (a first whole-ResNet-32 search at eps 0.5: 38.7 s of
-  CPU time in 25.0 s). So the new programs are lowered here, in order (tracing then reads
-  the caller's jax configuration, which context managers set per thread), and each is
-  compiled on a pool of one thread per core as soon as it is lowered (XLA releases the GIL
-  while it compiles): 39.6 s of CPU time in 20.9 s. The programs are run by the caller,
+  a multi-core machine busy with one. So the new programs are lowered here, in order
+  (tracing then reads the caller's jax configuration, which context managers set per
+  thread), and each is compiled on a pool of one thread per core as soon as it is lowered
+  (XLA releases the GIL while it compiles; the README gives the measured gain). The programs are run by the caller,
   one at a time on its own thread: LAPACK calls from two threads at once can hang XLA's
   CPU runtime (`python -m benchmarks.repro_cpu_hang --workaround --threads`).
   """

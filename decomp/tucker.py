@@ -205,10 +205,9 @@ def tucker2_sweep(
   with channel spectra decaying geometrically to 1e-3, HOSVD 0.2048, sweeps
   0.2212/0.2125/0.2070/0.2054 (3.8% above HOSVD at 2 sweeps, 0.3% at 8). One sweep with
   `oversample=4`: 0.9173 and 0.2051 (0.15% above HOSVD; 2 plain sweeps 0.2129 on that
-  draw of the steep kernels); with 8: 0.9141 and 0.2048. On a 2-core CPU that oversampled
-  sweep is no faster than HOSVD (ResNet-32: 12.6 ms both, `benchmarks.decomp` method
-  `sweep_os`): it is meant for accelerators, where products are cheap and eigenproblems
-  are not (not measured there yet).
+  draw of the steep kernels); with 8: 0.9141 and 0.2048. The oversampled sweep is meant
+  for accelerators, where products are cheap and eigenproblems are not; its time against
+  HOSVD is `benchmarks.decomp`'s (method `sweep_os`; the README has the figures).
   Enough sweeps converge to HOOI (tested). An exactly rank-`(r_S, r_T)` kernel is
   recovered exactly. Factor signs are not canonical.
 

@@ -8,8 +8,8 @@ parameters and MACs.
 """
 
 from tnn import layers, models, ops, weights
+from tnn import plan as _plan
 from tnn.plan import (
-  CONV_METHODS,
   LayerPlan,
   Plan,
   check_plan,
@@ -24,6 +24,15 @@ from tnn.plan import (
   report,
 )
 from tnn.serving import export, load_exported
+
+
+def __getattr__(name: str):
+  # `tnn.CONV_METHODS` is read from `tnn.plan` at each access, so it includes the methods
+  # `register_method` added after this package was imported.
+  if name == "CONV_METHODS":
+    return _plan.CONV_METHODS
+  raise AttributeError(f"module 'tnn' has no attribute {name!r}")
+
 
 __all__ = [
   "CONV_METHODS",

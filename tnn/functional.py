@@ -240,16 +240,17 @@ def _tr_macs(xs, ws, ranks, strides, padding):
   )
 
 
-def _tr_from(tr):
+def tr_params(tr: decomp.TR) -> dict:
+  """A TR (or TT) of the ring `(S, d_h, d_w, T)` as the TR layers' params `g0..g3`."""
   return dict(zip(("g0", "g1", "g2", "g3"), tr.cores, strict=True))
 
 
 def _tr_decompose(kernel, ranks):
-  return _tr_from(decomp.tr_svd(jnp.transpose(kernel, RING_AXES), ranks=ranks))
+  return tr_params(decomp.tr_svd(jnp.transpose(kernel, RING_AXES), ranks=ranks))
 
 
 def _tt_decompose(kernel, ranks):
-  return _tr_from(decomp.tt_svd(jnp.transpose(kernel, RING_AXES), ranks=ranks[1:]))
+  return tr_params(decomp.tt_svd(jnp.transpose(kernel, RING_AXES), ranks=ranks[1:]))
 
 
 TR = Kind("tr", _tr_shapes, _tr_kernel, _tr_apply, _tr_macs, _tr_decompose, math.prod)

@@ -326,6 +326,22 @@ def _ratio_plan(method, w_shape, ratio, grid, modes) -> LayerPlan:
   raise AssertionError(method)
 
 
+def ratio_layer_plan(method: str, weight_shape, ratio: float, *, grid=None, modes=None):
+  """The `LayerPlan` that `make_plan(..., ratio=ratio)` gives one weight of `weight_shape`
+  (HWIO conv or `(in, out)` dense) under `method` (`grid`: tiled SVD; `modes`: m-forms)."""
+  return _ratio_plan(method, tuple(weight_shape), ratio, grid, modes)
+
+
+def layer_class(method: str, conv: bool = True) -> type:
+  """The `tnn.layers.Factorized` class of `method` for a conv (or a dense) weight; its
+  hyper-parameters are `LayerPlan.hyper_args()`."""
+  table = _CONV_CLASS if conv else _DENSE_CLASS
+  if method not in table:
+    raise ValueError(f"method: {method!r} has no {'conv' if conv else 'dense'} layer; "
+                     f"allowed {sorted(table)}.")  # fmt: skip
+  return table[method]
+
+
 def _tiled_grid(w_shape, grid) -> tuple:
   if grid is None:
     raise ValueError("method='tiled_svd' needs grid=(g_r, g_c) (tiles of the T x S d d matrix).")
@@ -575,7 +591,7 @@ def _tr_decompose_shift(kernel, ranks, shift):
   cores = [None] * 4
   for k, i in enumerate(order):
     cores[i] = tr.cores[k]
-  return F._tr_from(decomp.TR(tuple(cores)))
+  return F.tr_params(decomp.TR(tuple(cores)))
 
 
 def distort(weight: jax.Array, lp: LayerPlan) -> jax.Array:
@@ -644,38 +660,36 @@ def _factorized(m, lp: LayerPlan, **init) -> L.Factorized:
 # --- report ---------------------------------------------------------------------------------
 
 
+class _Probe(nnx.Module):
+  """Stands in for one layer during `_input_shapes`' abstract forward pass: records the
+  shape of its input, then calls the layer."""
+
+  def __init__(self, layer, path: str, record):
+    self.layer, self.path, self.record = layer, path, record
+
+  def __call__(self, x, *args, **kwargs):
+    self.record(self.path, tuple(x.shape))
+    return self.layer(x, *args, **kwargs)
+
+
 def _input_shapes(model: nnx.Module, input_shape) -> dict:
-  """`{path: input shape}` of every conv/dense layer, from one abstract forward pass."""
-  seen: dict = {}
+  """`{path: input shape}` of every conv/dense layer, from one abstract forward pass of a
+  copy of the model in which each such layer is wrapped in a `_Probe` (the model and the
+  layer classes are left as they are)."""
   classes = (nnx.Conv, nnx.Linear, L.Factorized)
-  originals = {c: c.__call__ for c in classes}
-
-  def recorder(orig):
-    def call(self, x, *a, **k):
-      seen[id(self)] = tuple(x.shape)
-      return orig(self, x, *a, **k)
-
-    return call
-
   graph, state = nnx.split(model)
-  try:
-    for c in classes:
-      c.__call__ = recorder(originals[c])
+  shapes: dict = {}
 
-    shapes = {}
+  def run(state, x):
+    m = nnx.merge(graph, state)
+    m.eval()
+    for path, mod in list(nnx.iter_modules(m)):
+      if path and isinstance(mod, classes):
+        _set_path(m, _path_str(path), _Probe(mod, _path_str(path), shapes.__setitem__))
+    m(x)
+    return 0
 
-    def run(state, x):
-      m = nnx.merge(graph, state)
-      m.eval()
-      ids = {id(mod): _path_str(path) for path, mod in nnx.iter_modules(m)}
-      m(x)
-      shapes.update({ids[i]: s for i, s in seen.items() if i in ids})
-      return 0
-
-    jax.eval_shape(run, state, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
-  finally:
-    for c in classes:
-      c.__call__ = originals[c]
+  jax.eval_shape(run, state, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
   return shapes
 
 

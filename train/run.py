@@ -169,7 +169,8 @@ def check_plans(config, dense) -> dict:
   return plans
 
 
-def _step_cfg(config, ds, **kw) -> steps_lib.StepConfig:
+def step_config(config, ds, **kw) -> steps_lib.StepConfig:
+  """The train/eval step settings of `config` on data set `ds` (`kw`: DeepTwist's)."""
   return steps_lib.StepConfig(
     num_classes=ds.num_classes,
     mean=tuple(ds.mean),
@@ -231,7 +232,7 @@ class Context:
     self.train_s = self.train_s_now = 0.0
 
   def step_cfg(self, **kw) -> steps_lib.StepConfig:
-    return _step_cfg(self.config, self.ds, **kw)
+    return step_config(self.config, self.ds, **kw)
 
   def evaluate(self, model, split=None) -> float:
     """Test accuracy of `model` on the whole test split (or `split`)."""
@@ -513,7 +514,7 @@ def _estimate_sd(config, ds, dense, groups, c):
   ]
   est = steps_lib.sd_estimate(
     dense,
-    _step_cfg(config, ds, groups=groups),
+    step_config(config, ds, groups=groups),
     batches,
     lr=c.opt.lr,
     momentum=c.opt.get("momentum", 0.0) if c.opt.get("optimizer", "sgd") == "sgd" else 0.0,

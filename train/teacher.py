@@ -165,14 +165,14 @@ def main(argv=None):
   model = run_lib.build_model(config, ds)
   tx, _ = trainer.make_optimizer(dict(config.dense.opt), config.dense.steps)
   _, state = steps_lib.init_state(model, tx, config.seed)
-  rep = jax.sharding.NamedSharding(trainer._mesh(), jax.sharding.PartitionSpec())
+  rep = jax.sharding.NamedSharding(trainer.mesh(), jax.sharding.PartitionSpec())
   restored = ckpt_lib.restore(os.path.join(a.workdir, "dense"), state, rep)
   if restored is None:
     sys.exit(f"error: no checkpoint in {a.workdir}/dense")
   state, step, _ = restored
   graphdef = nnx.graphdef(model)
   model = nnx.merge(graphdef, state.params, state.rest)
-  cfg = run_lib._step_cfg(config, ds)
+  cfg = run_lib.step_config(config, ds)
   acc = trainer.evaluate(graphdef, state.params, state.rest, ds.test, cfg)
   head = data_lib.Split(ds.test.images[:SLICE], ds.test.labels[:SLICE])
   acc_slice = trainer.evaluate(graphdef, state.params, state.rest, head, cfg)

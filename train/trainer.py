@@ -197,7 +197,8 @@ class Logger:
     self.f.close()
 
 
-def _mesh():
+def mesh():
+  """The run's one-axis device mesh `data` (data parallelism over every device)."""
   # Auto axis: the batch is sharded and XLA propagates the rest (data parallelism); with
   # jax's default Explicit axes every reshape that splits the batch dimension (the layers
   # fold ranks into it) would need its output sharding spelled out.
@@ -257,9 +258,9 @@ def evaluate(
   step = _EVAL_STEPS.get((graphdef, cfg))
   if step is None:
     step = _EVAL_STEPS[(graphdef, cfg)] = steps_lib.make_eval_step(graphdef, cfg)
-  mesh = _mesh()
-  sharded = NamedSharding(mesh, P("data"))
-  params, rest = jax.device_put((params, rest), NamedSharding(mesh, P()))
+  m = mesh()
+  sharded = NamedSharding(m, P("data"))
+  params, rest = jax.device_put((params, rest), NamedSharding(m, P()))
   devices = jax.device_count()
   batch = -(-batch // devices) * devices
   correct, n = 0, split.num_examples
@@ -368,8 +369,8 @@ def run_phase(
       default=str,
     )
   )
-  mesh = _mesh()
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  m = mesh()
+  replicated, sharded = NamedSharding(m, P()), NamedSharding(m, P("data"))
   restored = ckpt_lib.restore(folder, state, replicated)
   train_s = 0.0
   if restored is not None:

@@ -1,4 +1,5 @@
-"""Tensor-train and tensor-ring decompositions by sequential truncated SVD.
+"""Tensor-train and tensor-ring decompositions by sequential truncated SVD (TT-SVD,
+TR-SVD).
 
 Both run the same sweep: unfold, truncate, keep the left factor as a core, carry
 `rest = u^T m` on to the next mode. With static `ranks` the sweep truncates to them.
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp import _checks
-from decomp._linalg import eigh_desc, eigvalsh_desc, mask_columns, mm, tail_rank, truncated_svd
+from decomp._linalg import mask_columns, tail_rank, truncated_svd
 from decomp.factors import TR, TT
 
 
@@ -52,7 +53,7 @@ def _sweep(t: jax.Array, ranks, delta, method: str, r_in_real=None, r0_real=None
     if ranks is None:
       rows = dims[k] * r_prev_real
       cols = math.prod(dims[k + 1 :]) * (q if r0_real is None else r0_real)
-      r = _capped_rank(s, delta, rows, cols)
+      r = capped_rank(s, delta, rows, cols)
       u, rest = mask_columns(u, rest, r)
       found.append(r)
       r_prev_real = r
@@ -63,7 +64,7 @@ def _sweep(t: jax.Array, ranks, delta, method: str, r_in_real=None, r0_real=None
   return cores, (jnp.stack(found) if found else None)
 
 
-def _capped_rank(s, delta, rows, cols):
+def capped_rank(s, delta, rows, cols):
   """The tail rank of `s` at `delta`, never more than the unpadded unfolding's rank
   `min(rows, cols)`: noise in zero padding must not inflate a rank past what the real
   matrix can have."""
@@ -150,14 +151,14 @@ def _tr_static(x, ranks, method):
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
-def _tr_first(x, method):
+def tr_first(x, method):
   """First TR-SVD step at full rank: `u (I_1, n)`, singular values `(n,)`, `rest (n, I_2..I_N)`."""
   m = x.reshape(x.shape[0], -1)
   u, s, rest = truncated_svd(m, min(m.shape), method)
   return u, s, rest.reshape(-1, *x.shape[1:])
 
 
-def _split(u, rest, r0, r1, p0: int, p1: int):
+def split_first_rank(u, rest, r0, r1, p0: int, p1: int):
   """The split `r0 * r1` of the first rank, zero-padded to the static `(p0, p1)`.
 
   Returns the first core `(p0, I_1, p1)` and the remainder `t` `(p1, I_2, ..., I_N, p0)`
@@ -173,7 +174,7 @@ def _split(u, rest, r0, r1, p0: int, p1: int):
   return first, jnp.moveaxis(jnp.where(pad, rest[idx], 0), 0, -1)
 
 
-def _tr_rest(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
+def tr_rest(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
   """TR-SVD after the first step, for the split `r0 * r1` of the first rank.
 
   `r0`, `r1` and `delta` are traced; the split enters the shapes only through the
@@ -181,62 +182,14 @@ def _tr_rest(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
   fits. Returns the padded cores (first `(p0, I_1, p1)`) and the masked ranks
   `(R_2, ..., R_{N-1})`.
   """
-  first, t = _split(u, rest, r0, r1, p0, p1)
+  first, t = split_first_rank(u, rest, r0, r1, p0, p1)
   cores, found = _sweep(t, None, delta, method, r_in_real=r1, r0_real=r0)
   if found is None:
     found = jnp.zeros((0,), jnp.int32)
   return (first, *cores), found
 
 
-def _tr_rest_ranks(u, rest, r0, r1, delta, p0: int, p1: int, method: str):
-  """The ranks `(R_2, ..., R_{N-1})` that `_tr_rest` finds, without its cores.
-
-  What a search needs from a candidate. A rank depends on the spectrum of its unfolding
-  only, and that spectrum does not change when the previous core's columns are rotated
-  within their span (the rotation acts on the rows of the unfolding), so the sweep keeps
-  no orthonormal left factors: `rest = Sigma V^T` comes straight from `eigh` of the
-  column Gram matrix of a tall unfolding (no polar step), and the last unfolding needs
-  its singular values only.
-  """
-  _, t = _split(u, rest, r0, r1, p0, p1)
-  dims = t.shape[1:-1]
-  m = t.reshape(p1 * dims[0], -1)
-  found, r_prev = [], jnp.asarray(r1, jnp.int32)
-  for k in range(len(dims) - 1):
-    last = k == len(dims) - 2
-    s, rest_k = _spectrum(m, method, with_rest=not last)
-    cols = math.prod(dims[k + 1 :]) * jnp.asarray(r0, jnp.int32)
-    r = _capped_rank(s, delta, dims[k] * r_prev, cols)
-    found.append(r)
-    r_prev = r
-    if not last:
-      keep = jnp.arange(rest_k.shape[0], dtype=jnp.int32) < r
-      rest_k = rest_k * keep[:, None].astype(rest_k.dtype)
-      m = rest_k.reshape(rest_k.shape[0] * dims[k + 1], -1)
-  return jnp.stack(found) if found else jnp.zeros((0,), jnp.int32)
-
-
-def _spectrum(m: jax.Array, method: str, with_rest: bool):
-  """Singular values of `m` and, if asked, `rest` `(min(a, b), b)` with `rest^T rest = m^T m`
-  whose row space is `m`'s leading right singular subspace, in order."""
-  a, b = m.shape
-  if method == "svd":
-    if not with_rest:
-      return jnp.linalg.svd(m, compute_uv=False), None
-    _, s, vt = jnp.linalg.svd(m, full_matrices=False)
-    return s, s[:, None] * vt
-  g = mm(m, m.T) if a <= b else mm(m.T, m)
-  if not with_rest:
-    return jnp.sqrt(jnp.maximum(eigvalsh_desc(g), 0)), None
-  if a <= b:
-    lam, w = eigh_desc(g)
-    return jnp.sqrt(jnp.maximum(lam, 0)), mm(w.T, m)
-  lam, v = eigh_desc(g)
-  s = jnp.sqrt(jnp.maximum(lam, 0))
-  return s, s[:, None] * v.T
-
-
-_tr_rest_jit = jax.jit(_tr_rest, static_argnames=("p0", "p1", "method"))
+tr_rest_jit = jax.jit(tr_rest, static_argnames=("p0", "p1", "method"))
 
 
 def divisor_pairs(r: int) -> list:
@@ -244,7 +197,7 @@ def divisor_pairs(r: int) -> list:
   return [(d, r // d) for d in range(1, r + 1) if r % d == 0]
 
 
-def balanced_split(r: int) -> int:
+def balancedsplit_first_rank(r: int) -> int:
   """The largest `r0 <= sqrt(r)` dividing `r`: the most balanced split `r0 <= r1`."""
   return max(d for d, _ in divisor_pairs(r) if d * d <= r)
 
@@ -301,10 +254,10 @@ def tr_svd(x, *, ranks=None, eps=None, split=None, method: str = "gram") -> TR:
     return _tr_static(x, ranks, method)
   eps = _checks.check_eps(eps)
   delta = _delta(x, eps)
-  u, s, rest = _tr_first(x, method)
+  u, s, rest = tr_first(x, method)
   r = int(tail_rank(s, delta))
   if split is None:
-    r0 = balanced_split(r)
+    r0 = balancedsplit_first_rank(r)
   else:
     r0 = _checks.check_rank(split, "split", r)
     if r % r0:
@@ -313,5 +266,5 @@ def tr_svd(x, *, ranks=None, eps=None, split=None, method: str = "gram") -> TR:
         f"{[d for d, _ in divisor_pairs(r)]}."
       )
   r1 = r // r0
-  cores, found = _tr_rest_jit(u, rest, r0, r1, delta, p0=r0, p1=r1, method=method)
+  cores, found = tr_rest_jit(u, rest, r0, r1, delta, p0=r0, p1=r1, method=method)
   return TR(_trim(cores, (r0, r1, *(int(v) for v in np.asarray(found)))))
