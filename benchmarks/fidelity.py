@@ -33,10 +33,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETS = {
   "cnn": "cnn (Fashion-MNIST, teachers/cnn_fmnist.npz)",
   "lenet": "lenet5 (Fashion-MNIST, teachers/lenet5_fmnist.npz)",
+  "resnet20": "resnet20 (Fashion-MNIST 32x32, teachers/resnet20_fmnist.npz)",
 }
 
 # (claim, arm that should win, arm it is compared with)
 CLAIMS = {
+  "resnet20": [
+    (
+      f"DeepTwist beats decomposed training at equal ranks (Tucker-2, ResNet-20, rate {r})",
+      f"deeptwist_tucker2@{r}",
+      f"tucker2@{r}",
+    )
+    for r in ("0.1", "0.2")
+  ],
   "cnn": [
     (
       "DeepTwist beats decomposed training at equal ranks (Tucker-2)",

@@ -48,8 +48,9 @@ def eigvalsh_desc(g: jax.Array) -> jax.Array:
   `jnp.linalg.eigvalsh` computes the eigenvectors and drops them (its CPU lowering always
   calls LAPACK `syevd` with `jobz='V'`). On CPU this calls the same `syevd` kernel of
   jaxlib with `jobz='N'`: tridiagonal reduction and the QR/dqds eigenvalue iteration
-  only, which skips the eigenvector work `eigvalsh` does and drops. Its eigenvalues are less accurate than divide and conquer's (float32,
-  n = 192: within 60 ulps of the largest against 3), which is ample for eps-ranks.
+  only, which skips the eigenvector work `eigvalsh` does and drops. Its eigenvalues are
+  less accurate than divide and conquer's (float32, n = 192: within 60 ulps of the
+  largest against 3), which is ample for eps-ranks.
   Other platforms use `jnp.linalg.eigvalsh`. The choice is made when lowering
   (`lax.platform_dependent`), so the CPU kernel is never lowered for a GPU. Where the
   default backend is not the CPU (a GPU machine), the CPU branch is not even traced:

@@ -232,9 +232,10 @@ def _executables(jobs: list) -> list:
   a multi-core machine busy with one. So the new programs are lowered here, in order
   (tracing then reads the caller's jax configuration, which context managers set per
   thread), and each is compiled on a pool of one thread per core as soon as it is lowered
-  (XLA releases the GIL while it compiles; the README gives the measured gain). The programs are run by the caller,
-  one at a time on its own thread: LAPACK calls from two threads at once can hang XLA's
-  CPU runtime (`python -m benchmarks.repro_cpu_hang --workaround --threads`).
+  (XLA releases the GIL while it compiles; the README gives the measured gain). The
+  programs are run by the caller, one at a time on its own thread: LAPACK calls from two
+  threads at once can hang XLA's CPU runtime (`python -m benchmarks.repro_cpu_hang
+  --workaround --threads`).
   """
   keys = []
   for program, args, static in jobs:

@@ -30,6 +30,8 @@ CASES = [
   ("fidelity_cnn", None),
   ("fidelity_lenet", "0.05"),
   ("fidelity_lenet", "0.2"),
+  ("fidelity_resnet20", "0.1"),
+  ("fidelity_resnet20", "0.2,steps=30"),
   ("demo", "pretrain"),
 ]
 
