@@ -64,17 +64,28 @@ def eigvalsh_desc(g: jax.Array) -> jax.Array:
   )[..., ::-1]
 
 
+def _syevd_target(dtype) -> str | None:
+  """The FFI target name of jaxlib's LAPACK `syevd` for `dtype`, or None where this jaxlib
+  does not expose it as `jaxlib.lapack.prepare_lapack_call` (a private API: guarded)."""
+  try:
+    from jaxlib import lapack  # jaxlib's own registration of its CPU LAPACK kernels
+
+    return lapack.prepare_lapack_call("syevd_ffi", dtype)
+  except (ImportError, AttributeError, TypeError, ValueError):
+    return None
+
+
 def _lapack_eigvalsh(g: jax.Array) -> jax.Array:
   """Ascending eigenvalues from jaxlib's LAPACK `syevd` FFI kernel with `jobz='N'`.
 
   The kernel reads the lower triangle of each (column-major) matrix; `g` is symmetric,
   so the layout does not matter. It overwrites its input, which is aliased and dropped,
   and returns LAPACK's `info` per matrix; a failed solve gives NaN, as `jnp.linalg.eigh`
-  does.
+  does. Without the private entry point (`_syevd_target`), `jnp.linalg.eigvalsh`.
   """
-  from jaxlib import lapack  # jaxlib's own registration of its CPU LAPACK kernels
-
-  target = lapack.prepare_lapack_call("syevd_ffi", g.dtype)
+  target = _syevd_target(g.dtype)
+  if target is None:  # this jaxlib has no such private entry point: the public route
+    return jnp.linalg.eigvalsh(g)
   g = (g + jnp.swapaxes(g, -1, -2)) / 2  # what eigh's symmetrize_input does
   call = jax.ffi.ffi_call(
     target,
@@ -128,19 +139,35 @@ def _truncated_svd(m: jax.Array, k: int, method: str):
 def _orthonormal_columns(b: jax.Array, s: jax.Array) -> jax.Array:
   """Orthonormal columns spanning `b = m V_k`, whose columns have norms `s` (descending).
 
-  `b / s` is the SVD's left factor; its orthogonality degrades like `eps (s_1 / s_i)^2`,
-  so one polar step `u (u^T u)^{-1/2}` (eigh of a `k x k` matrix) restores it. A column
-  with `s_i` at rounding level carries no energy and is left zero. This replaces a
-  Householder QR: concurrent batched QR calls deadlock XLA's CPU runtime (jaxlib
-  0.10.2, seen on 2 cores; see `benchmarks/repro_cpu_hang.py`); the test
-  `test_gram_route_has_no_qr` keeps QR out.
+  `b / s` is the SVD's left factor; its orthogonality degrades like `eps (s_1 / s_i)^2`.
+  Where the program is lowered for the CPU, one polar step `u (u^T u)^{-1/2}` (eigh of a
+  `k x k` matrix) restores it (`_polar_columns`): concurrent batched QR calls deadlock
+  XLA's CPU runtime (jaxlib 0.10.2, seen on 2 cores; `benchmarks/repro_cpu_hang.py`), and
+  `test_gram_route_has_no_qr_in_the_cpu_lowering` keeps QR out of it. Elsewhere (cuda,
+  tpu) the plain Householder QR of `b / s` runs (`_qr_columns`). Both leave a column
+  with `s_i` at rounding level (no energy) zero, and agree to rounding on the rest.
   """
+  return jax.lax.platform_dependent(b, s, cpu=_polar_columns, default=_qr_columns)
+
+
+def _unit_columns(b, s):
   tiny = s[0] * jnp.finfo(b.dtype).eps * max(b.shape)
   keep = s > tiny
-  u = b * jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)[None, :]
+  return b * jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)[None, :], keep
+
+
+def _polar_columns(b: jax.Array, s: jax.Array) -> jax.Array:
+  u, _ = _unit_columns(b, s)
   mu, w = jnp.linalg.eigh(mm(u.T, u))
   inv_sqrt = jnp.where(mu > 0.5, 1 / jnp.sqrt(jnp.where(mu > 0.5, mu, 1)), 0)
   return mm(u, mm(w * inv_sqrt[None, :], w.T))
+
+
+def _qr_columns(b: jax.Array, s: jax.Array) -> jax.Array:
+  u, keep = _unit_columns(b, s)
+  q, r = jnp.linalg.qr(u)
+  sign = jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(u.dtype)  # columns along u's
+  return q * (sign * keep.astype(u.dtype))[None, :]
 
 
 def tail_rank(s: jax.Array, delta: jax.Array) -> jax.Array:

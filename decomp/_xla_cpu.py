@@ -44,6 +44,17 @@ def _accelerator_jax() -> bool:
   return any(importlib.util.find_spec(m) is not None for m in ("libtpu", "jax_plugins"))
 
 
+def _backends_started() -> bool:
+  """Whether jax has started a backend (after which `XLA_FLAGS` is read no more). Asks
+  jax's private `xla_bridge.backends_are_initialized`; where this jax lacks it, False
+  (the flag is then set, and takes effect if XLA has indeed not started)."""
+  try:
+    from jax._src import xla_bridge  # private API: guarded
+  except ImportError:
+    return False
+  return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
+
+
 def avoid_cpu_runtime_hang() -> bool:
   """Opt in: adds `FLAG` to `XLA_FLAGS` for this process, where jax runs on the CPU only,
   the user has not set the flag and XLA has not started. Returns whether the flag is in
@@ -53,9 +64,7 @@ def avoid_cpu_runtime_hang() -> bool:
     return FLAG in flags.split()
   if _accelerator_jax():
     return False
-  from jax._src import xla_bridge  # private; guarded below
-
-  started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
+  started = _backends_started()
   if started:
     warnings.warn(
       f"avoid_cpu_runtime_hang: jax already started, so XLA_FLAGS={FLAG} cannot take "

@@ -52,16 +52,53 @@ def test_tail_rank_matches_brute_force():
     assert int(tail_rank(jnp.asarray(s), jnp.asarray(delta))) == ref.eps_rank(s, delta)
 
 
-def test_gram_route_has_no_qr():
+def test_gram_route_has_no_qr_in_the_cpu_lowering():
   """Concurrent batched QR custom calls deadlock XLA's CPU runtime (jaxlib 0.10.2 on 2
   cores: several `jnp.linalg.qr` in one jitted graph, run a few hundred times, never
-  return). The gram route must not call QR, for either orientation."""
+  return). The gram route lowered for the CPU must not call QR, for either orientation;
+  lowered for cuda and tpu, the tall orientation runs the plain QR (the polar step is a
+  CPU-only choice)."""
   import jax
 
   for shape in [(64, 576), (576, 64)]:
     fn = jax.jit(jax.vmap(lambda m: truncated_svd(m, 8, "gram")))
-    hlo = fn.lower(jnp.zeros((3, *shape), jnp.float32)).as_text().lower()
+    x = jnp.zeros((3, *shape), jnp.float32)
+    hlo = fn.lower(x).as_text().lower()
     assert "geqrf" not in hlo and "householder" not in hlo
+    accel = jax.export.export(fn, platforms=("cuda", "tpu"))(x).mlir_module().lower()
+    assert ("geqrf" in accel or "householder" in accel) == (shape[0] > shape[1]), shape
+
+
+@pytest.mark.parametrize("shape", [(40, 6), (300, 12)])
+def test_the_polar_step_and_qr_give_the_same_columns(shape):
+  """The two routes of `_orthonormal_columns` (CPU: polar; cuda/tpu: QR), both run here:
+  the same orthonormal columns along `b / s`, and a zero-energy column zero in both."""
+  from decomp import _linalg
+
+  rng = np.random.default_rng(3)
+  m = rng.standard_normal(shape) @ np.diag(np.geomspace(1, 1e-3, shape[1]))
+  m[:, -1] = 0  # rank-deficient: the last singular value is 0
+  u, s, vt = np.linalg.svd(m, full_matrices=False)
+  b = jnp.asarray(m @ vt.T)
+  polar = np.asarray(_linalg._polar_columns(b, jnp.asarray(s)))
+  qr = np.asarray(_linalg._qr_columns(b, jnp.asarray(s)))
+  np.testing.assert_allclose(qr, polar, atol=1e-9)
+  np.testing.assert_allclose(polar[:, :-1], u[:, :-1], atol=1e-7)
+  assert not polar[:, -1].any() and not qr[:, -1].any()
+
+
+def test_eigvalsh_desc_falls_back_without_the_private_lapack_entry_point(monkeypatch):
+  """`jaxlib.lapack.prepare_lapack_call` is private: without it, the public eigvalsh."""
+  from decomp import _linalg
+
+  g = np.random.default_rng(4).standard_normal((5, 9, 9))
+  g = g @ np.swapaxes(g, -1, -2)
+  want = np.linalg.eigvalsh(g)[..., ::-1]
+  monkeypatch.setattr(_linalg, "_syevd_target", lambda dtype: None)
+  np.testing.assert_allclose(eigvalsh_desc(jnp.asarray(g)), want, rtol=1e-10, atol=1e-10)
+  monkeypatch.undo()
+  assert _linalg._syevd_target(jnp.float64) is not None  # the tested jaxlib has it
+  np.testing.assert_allclose(eigvalsh_desc(jnp.asarray(g)), want, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

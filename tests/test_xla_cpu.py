@@ -61,6 +61,22 @@ def test_the_opt_in_does_nothing_where_an_accelerator_plugin_is_installed(monkey
   assert _xla_cpu._accelerator_jax() is False
 
 
+def test_without_jax_private_backend_query_the_opt_in_still_decides(monkeypatch):
+  """`jax._src.xla_bridge` is private: where a jax lacks it, the started-check says False
+  (and the opt-in sets the flag), instead of failing."""
+  import sys
+
+  import jax._src
+  import jax.numpy as jnp
+
+  jnp.zeros(1).block_until_ready()  # jax has started a backend
+  monkeypatch.delattr(jax._src, "xla_bridge")
+  monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", None)  # `import` now fails
+  assert _xla_cpu._backends_started() is False
+  monkeypatch.undo()
+  assert _xla_cpu._backends_started() is True
+
+
 def test_the_suite_itself_runs_opted_in():
   # conftest opts in before jax starts (the suite runs whole-network decompositions).
   assert _xla_cpu.FLAG in os.environ["XLA_FLAGS"].split()
