@@ -29,6 +29,8 @@ __all__ = [
   "CPConv",
   "CPDense",
   "Factorized",
+  "FactorizedConv",
+  "FactorizedDense",
   "MCPConv",
   "MTKConv",
   "MTRConv",
@@ -41,6 +43,8 @@ __all__ = [
   "TTDense",
   "TuckerConv",
   "TuckerDense",
+  "check_at_most",
+  "check_ranks",
 ]
 
 
@@ -61,7 +65,8 @@ def _pair(v, name: str) -> tuple:
   return v
 
 
-def _positive(ranks, name: str, n: int | None = None) -> tuple:
+def check_ranks(ranks, name: str, n: int | None = None) -> tuple:
+  """`ranks` as a tuple of `n` positive ints, or a `ValueError` naming `name`."""
   ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
   if n is not None and len(ranks) != n:
     raise ValueError(f"{name} must have {n} entries, got {ranks!r}.")
@@ -70,7 +75,8 @@ def _positive(ranks, name: str, n: int | None = None) -> tuple:
   return ranks
 
 
-def _at_most(value: int, hi: int, name: str) -> None:
+def check_at_most(value: int, hi: int, name: str) -> None:
+  """A `ValueError` naming `name` when `value > hi` (the allowed range is [1, hi])."""
   if value > hi:
     raise ValueError(f"{name}={value} exceeds {hi}; allowed range [1, {hi}].")
 
@@ -198,57 +204,57 @@ class Factorized(nnx.Module):
     """
     weight = jnp.asarray(weight)
     shape_args = (weight.shape[-2], weight.shape[-1]) + ((weight.shape[:2],) if cls.conv else ())
-    hyper = cls._hyper(*shape_args, *args)
+    hyper = cls.check_hyper(*shape_args, *args)
     params = cls.kind.decompose(weight, hyper)
     return cls(*shape_args, *args, params=params, bias=bias, use_bias=bias is not None, **kwargs)
 
 
-class _Conv(Factorized):
+class FactorizedConv(Factorized):
   """Signature shared by conv layers: `(in_features, out_features, kernel_size, *hyper)`."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size, *hyper_args, **kwargs):
     kernel_size = _pair(kernel_size, "kernel_size")
-    hyper = self._hyper(in_features, out_features, kernel_size, *hyper_args)
+    hyper = self.check_hyper(in_features, out_features, kernel_size, *hyper_args)
     super().__init__((*kernel_size, in_features, out_features), hyper, **kwargs)
 
 
-class SVDConv(_Conv):
+class SVDConv(FactorizedConv):
   """Lowered SVD (DeepTwist): `d x d` conv `S -> rank`, then 1x1 `rank -> T`."""
 
   kind = F.SVD
 
   @classmethod
-  def _hyper(cls, s, t, k, rank):
-    (rank,) = _positive(rank, "rank", 1)
-    _at_most(rank, min(t, s * k[0] * k[1]), "rank")
+  def check_hyper(cls, s, t, k, rank):
+    (rank,) = check_ranks(rank, "rank", 1)
+    check_at_most(rank, min(t, s * k[0] * k[1]), "rank")
     return rank
 
 
-class TuckerConv(_Conv):
+class TuckerConv(FactorizedConv):
   """Tucker-2: 1x1 `S -> r_S`, `d x d` `r_S -> r_T`, 1x1 `r_T -> T`; `ranks=(r_S, r_T)`."""
 
   kind = F.TUCKER
 
   @classmethod
-  def _hyper(cls, s, t, k, ranks):
-    ranks = _positive(ranks, "ranks", 2)
-    _at_most(ranks[0], s, "ranks[0] (r_S)")
-    _at_most(ranks[1], t, "ranks[1] (r_T)")
+  def check_hyper(cls, s, t, k, ranks):
+    ranks = check_ranks(ranks, "ranks", 2)
+    check_at_most(ranks[0], s, "ranks[0] (r_S)")
+    check_at_most(ranks[1], t, "ranks[1] (r_T)")
     return ranks
 
 
-class CPConv(_Conv):
+class CPConv(FactorizedConv):
   """Rank-R CP: 1x1 `S -> R`, depthwise `d x 1`, depthwise `1 x d`, 1x1 `R -> T`."""
 
   kind = F.CP
 
   @classmethod
-  def _hyper(cls, s, t, k, rank):
-    (rank,) = _positive(rank, "rank", 1)
+  def check_hyper(cls, s, t, k, rank):
+    (rank,) = check_ranks(rank, "rank", 1)
     return rank
 
 
-class TRConv(_Conv):
+class TRConv(FactorizedConv):
   """RSDTR's tensor-ring conv; `ranks=(R0, R1, R2, R3)`, cores in ring order (S, d_h, d_w, T).
 
   Storage `R0 S R1 + R1 d_h R2 + R2 d_w R3 + R3 T R0` (+ bias).
@@ -257,8 +263,8 @@ class TRConv(_Conv):
   kind = F.TR
 
   @classmethod
-  def _hyper(cls, s, t, k, ranks):
-    return _positive(ranks, "ranks", 4)
+  def check_hyper(cls, s, t, k, ranks):
+    return check_ranks(ranks, "ranks", 4)
 
 
 class TTConv(TRConv):
@@ -267,27 +273,27 @@ class TTConv(TRConv):
   kind = F.TT
 
   @classmethod
-  def _hyper(cls, s, t, k, ranks):
-    return (1, *_positive(ranks, "ranks", 3))
+  def check_hyper(cls, s, t, k, ranks):
+    return (1, *check_ranks(ranks, "ranks", 3))
 
 
 def _m_hyper(s, t, in_modes, out_modes, ranks, form, conv) -> F.MHyper:
-  in_modes = _positive(in_modes, "in_modes")
-  out_modes = _positive(out_modes, "out_modes", len(in_modes))
+  in_modes = check_ranks(in_modes, "in_modes")
+  out_modes = check_ranks(out_modes, "out_modes", len(in_modes))
   if math.prod(in_modes) != s:
     raise ValueError(f"in_modes={in_modes} multiply to {math.prod(in_modes)}, not S={s}.")
   if math.prod(out_modes) != t:
     raise ValueError(f"out_modes={out_modes} multiply to {math.prod(out_modes)}, not T={t}.")
   m = len(in_modes)
   if form == "cp":
-    ranks = _positive(ranks, "ranks", 1)[0]
+    ranks = check_ranks(ranks, "ranks", 1)[0]
   elif form == "tk":
-    ranks = _positive(ranks, "ranks", m + conv)
+    ranks = check_ranks(ranks, "ranks", m + conv)
   elif form == "tt":
-    inner = _positive(ranks, "ranks", m + conv - 1)
+    inner = check_ranks(ranks, "ranks", m + conv - 1)
     ranks = (1, *inner)
   else:
-    ranks = _positive(ranks, "ranks", m + conv)
+    ranks = check_ranks(ranks, "ranks", m + conv)
   return F.MHyper(in_modes, out_modes, ranks)
 
 
@@ -299,12 +305,12 @@ class _MForm:
   conv = True
 
   @classmethod
-  def _hyper(cls, s, t, *args):
+  def check_hyper(cls, s, t, *args):
     in_modes, out_modes, ranks = args[-3:]
     return _m_hyper(s, t, in_modes, out_modes, ranks, cls.form, cls.conv)
 
 
-class _MConv(_MForm, _Conv):
+class _MConv(_MForm, FactorizedConv):
   """TNN m-form conv: `(in_features, out_features, kernel_size, in_modes, out_modes, ranks)`."""
 
 
@@ -332,11 +338,11 @@ class MTRConv(_MConv):
   kind, form = F.MTR, "tr"
 
 
-class _Dense(Factorized):
+class FactorizedDense(Factorized):
   conv = False
 
   def __init__(self, in_features: int, out_features: int, *hyper_args, **kwargs):
-    hyper = self._hyper(in_features, out_features, *hyper_args)
+    hyper = self.check_hyper(in_features, out_features, *hyper_args)
     super().__init__((in_features, out_features), hyper, **kwargs)
 
 
@@ -360,19 +366,19 @@ def _dense_svd_kind() -> F.Kind:
   return F.Kind("dense_svd", shapes, kernel, apply, macs, decompose, lambda r: r)
 
 
-class SVDDense(_Dense):
+class SVDDense(FactorizedDense):
   """`x W` with `W = u v`, `u (S, rank)`, `v (rank, T)`."""
 
   kind = _dense_svd_kind()
 
   @classmethod
-  def _hyper(cls, s, t, rank):
-    (rank,) = _positive(rank, "rank", 1)
-    _at_most(rank, min(s, t), "rank")
+  def check_hyper(cls, s, t, rank):
+    (rank,) = check_ranks(rank, "rank", 1)
+    check_at_most(rank, min(s, t), "rank")
     return rank
 
 
-class _MDense(_MForm, _Dense):
+class _MDense(_MForm, FactorizedDense):
   """Dense layer over `W (s_1 t_1, ..., s_m t_m)`: `(in, out, in_modes, out_modes, ranks)`."""
 
   conv = False

@@ -256,7 +256,7 @@ def _layer_hyper(lp: LayerPlan, weight_shape) -> tuple:
   conv = len(weight_shape) == 4
   cls = (_CONV_CLASS if conv else _DENSE_CLASS)[lp.method]
   shape_args = (tuple(weight_shape[:2]),) if conv else ()
-  return cls, cls._hyper(weight_shape[-2], weight_shape[-1], *shape_args, *lp.hyper_args())
+  return cls, cls.check_hyper(weight_shape[-2], weight_shape[-1], *shape_args, *lp.hyper_args())
 
 
 def _m_params(lp: LayerPlan, weight_shape) -> int:
