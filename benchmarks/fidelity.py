@@ -87,13 +87,16 @@ def _load(path: str) -> list:
     return json.load(f)
 
 
-def run_seed(study: str, seed: int, root: str, overrides: list[str], arg: str = "") -> list:
+def run_seed(
+  study: str, seed: int, root: str, overrides: list[str], arg: str = "", data_dir: str = ""
+) -> list:
   workdir = os.path.join(root, study + (f"-{arg}" if arg else ""), f"seed{seed}")
   cmd = [
     sys.executable, "-m", "train",
     "--config", f"train/configs/fidelity_{study}.py" + (f":{arg}" if arg else ""),
     "--workdir", workdir,
     f"--config.seed={seed}",
+    *([f"--config.data_dir={data_dir}"] if data_dir else []),
     *(f"--config.{o}" for o in overrides),
   ]  # fmt: skip
   t0 = time.time()
@@ -204,6 +207,7 @@ def main(argv=None):
   p.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE")
   p.add_argument("--arg", default="", help="the config's ARG (lenet: the rate; steps=N)")
   p.add_argument("--check", action="store_true", help="rows to fidelity-<study>-check.json")
+  p.add_argument("--data-dir", default="", help="the data set's folder (config.data_dir)")
   p.add_argument("--report-only", action="store_true")
   a = p.parse_args(argv)
   check = a.check or bool(a.set)
@@ -211,7 +215,7 @@ def main(argv=None):
   rows = _load(path)
   if not a.report_only:
     for seed in (int(x) for x in a.seeds.split(",")):
-      new = run_seed(a.study, seed, a.root, a.set, a.arg)
+      new = run_seed(a.study, seed, a.root, a.set, a.arg, a.data_dir)
       keys = {(r["method"], r["seed"], r.get("arg", "")) for r in new}
       rows = [r for r in rows if (r["method"], r["seed"], r.get("arg", "")) not in keys] + new
       os.makedirs(os.path.dirname(path), exist_ok=True)
