@@ -18,11 +18,7 @@ out="${1:?usage: bash benchmarks/fidelity_gpu.sh OUT_DIR [STEPS]}"
 steps="${2:-4800}"
 data="${DATA:-.data/fashion-mnist}"
 mkdir -p "$out"
-site="$(mktemp -d)"  # outside $OUT: it does not come back
-if ls .whl/*.whl >/dev/null 2>&1; then
-  pip install -q --no-index --no-deps --target "$site" .whl/*.whl
-fi
-export PYTHONPATH=".:$site" PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh
 check=()
 if [[ "${CHECK:-}" == 1 ]]; then check=(--check); fi
 python3 -c "import jax; print(jax.devices())" | tee "$out/device.txt"

@@ -13,11 +13,7 @@
 set -euo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR}"
 mkdir -p "$out"
-site="$(mktemp -d)"  # outside $OUT: it does not come back
-if ls .whl/*.whl >/dev/null 2>&1; then
-  pip install -q --no-index --no-deps --target "$site" .whl/*.whl
-fi
-export PYTHONPATH=".:$site" PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 # Issue 3: training step vs dense (bf16, batch 1024) and per-layer fwd+bwd.
 python3 -m benchmarks.layers --out "$out/layers.jsonl" | tee "$out/layers.txt"
