@@ -5,7 +5,10 @@
 
 1. Training step (forward, backward, SGD update; `train.steps.make_train_step`, the step the
    CLI runs) of the CIFAR ResNet-32, dense and with every 3x3 conv of its residual blocks
-   factorized at `--ratio` (default 0.25) of its weights, for Tucker-2, CP, TT and TR;
+   factorized at `--ratio` (default 0.25) of its weights, for Tucker-2, CP, TT and TR
+   (`--kinds`: any `tnn.make_plan` method, the m-forms included), each through the
+   forward paths `--forward` names (`factorized`, the default, and/or `reconstructed`:
+   `tnn.layers.Factorized.forward`);
    `--dtype` compute (params float32), batch `--batch` (a comma list). Defaults by device:
    on a GPU/TPU bfloat16 at batch 1024, on a CPU float32 at batches 32 and 128.
    images/s = batch / median step time; `vs_dense` is that over the dense images/s of the
@@ -63,12 +66,13 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
     jnp.asarray(rng.integers(0, 10, (batch_size,), dtype=np.int32)),
   )
   rows = []
-  for kind in ("dense", *args.kinds):
+  arms = [("dense", None)] + [(k, fw) for k in args.kinds for fw in args.forward]
+  for kind, forward in arms:
     if kind == "dense":
       model = dense
     else:
       plan = tnn.make_plan(dense, kind, ratio=args.ratio)
-      model = tnn.factorize_random(dense, plan, nnx.Rngs(1))
+      model = tnn.factorize_random(dense, plan, nnx.Rngs(1), forward=forward)
     rep = tnn.report(model, (1, 32, 32, 3))
     graphdef, state = steps_lib.init_state(model, tx, 0)
     state = jax.tree.map(jnp.copy, state)
@@ -85,6 +89,7 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
         bench="train_step",
         model="resnet32",
         kind=kind,
+        forward=forward,
         ratio=None if kind == "dense" else args.ratio,
         dtype=args.dtype,
         batch=batch_size,
@@ -104,7 +109,8 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
 
     from benchmarks import torch_peer
 
-    peer = torch_peer.train_step_rows([r["kind"] for r in rows], batch_size, args.steps, args.ratio)
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    peer = torch_peer.train_step_rows(kinds, batch_size, args.steps, args.ratio)
     for r in rows:
       if r["kind"] in peer:
         ms, first_ms, n = peer[r["kind"]]
@@ -189,13 +195,19 @@ def main(argv=None):
   p.add_argument("--dtype", default="", choices=("", "bfloat16", "float32"))
   p.add_argument("--peer", default="auto", choices=("auto", "torch", "none"))
   p.add_argument("--kinds", default=",".join(KINDS))
+  p.add_argument("--forward", default="factorized", help="comma list: factorized,reconstructed")
   p.add_argument("--only", default="", choices=("", "step", "layer"))
   p.add_argument("--out", default="benchmarks/results/layers.jsonl")
   args = p.parse_args(argv)
   args.kinds = tuple(k for k in args.kinds.split(",") if k)
+  args.forward = tuple(f for f in args.forward.split(",") if f)
+  bad = [f for f in args.forward if f not in tnn.layers.FORWARDS]
+  if bad:
+    p.error(f"--forward: {bad[0]!r}; allowed {tnn.layers.FORWARDS}")
+  allowed = tuple(m for m in tnn.CONV_METHODS if m != "tiled_svd")  # tiled: no layer
   for k in args.kinds:
-    if k not in KINDS:
-      raise ValueError(f"--kinds: unknown {k!r}; allowed {KINDS}.")
+    if k not in allowed:
+      p.error(f"--kinds: unknown {k!r}; allowed {allowed}")
   cpu = jax.default_backend() == "cpu"
   args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
   args.batch = tuple(int(b) for b in (args.batch or ("32,128" if cpu else "1024")).split(","))
@@ -223,7 +235,8 @@ def main(argv=None):
         else ""
       )
       print(
-        f"train step resnet32 {r['kind']:8s} batch {r['batch']:5d} {r['images_per_s']:8.1f} img/s"
+        f"train step resnet32 {r['kind']:8s} {r['forward'] or '':13s} batch {r['batch']:5d}"
+        f" {r['images_per_s']:8.1f} img/s"
         f"  {r['vs_dense']:5.2f}x dense{peer}  params {r['params']:8d}"
         f"  compile {r['first_ms'] / 1e3:6.1f} s{flag}"
       )

@@ -39,7 +39,7 @@ def _grads(layer, x, path):
 
   def f(state, x):
     m = nnx.merge(graph, state)
-    y = m(x) if path == "factorized" else m.reconstructed(x)
+    y = m.factorized(x) if path == "factorized" else m.reconstructed(x)
     c = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
     return jnp.sum(y * c), y
 
@@ -78,6 +78,25 @@ def test_dense_factorized_equals_reconstructed(cls, hyper):
 def test_rectangular_kernel():
   layer = L.TRConv(4, 6, (3, 1), (1, 2, 3, 2), rngs=nnx.Rngs(0), param_dtype=F64)
   _check_paths(layer, jax.random.normal(jax.random.key(1), (1, 6, 5, 4), F64))
+
+
+@pytest.mark.parametrize("cls,hyper", [CONV[5], CONV[7], DENSE[1]], ids=["mcp", "mtt", "cp_dense"])
+def test_forward_picks_the_path_call_runs(cls, hyper):
+  """`forward` only picks which of the two (equal, above) paths `__call__` runs."""
+  args = (8, 12, 3) if issubclass(cls, L.FactorizedConv) else (8, 12)
+  x = jax.random.normal(jax.random.key(1), (2, 9, 7, 8) if len(args) == 3 else (3, 8), F64)
+  kw = dict(param_dtype=F64)
+  default = cls(*args, *hyper, rngs=nnx.Rngs(0), **kw)
+  rec = cls(*args, *hyper, forward="reconstructed", rngs=nnx.Rngs(0), **kw)  # same factors
+  assert default.forward == "factorized"
+  np.testing.assert_array_equal(default(x), default.factorized(x))
+  np.testing.assert_array_equal(rec(x), rec.reconstructed(x))
+  assert float(jnp.max(jnp.abs(rec(x) - default.factorized(x)))) > 0  # a different route
+  y = default(x)
+  np.testing.assert_allclose(rec(x), y, rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(y))))
+  assert rec.macs(x.shape) == default.macs(x.shape)  # the method's cost either way
+  with pytest.raises(ValueError, match="forward 'dense'.*allowed"):
+    cls(*args, *hyper, forward="dense", rngs=nnx.Rngs(0), **kw)
 
 
 # Exact-rank conversion: a kernel built from factors of these ranks converts losslessly.

@@ -62,6 +62,33 @@ def test_compress_copies_batchnorm_statistics_and_other_layers():
   np.testing.assert_array_equal(model.stem.conv.kernel[...], comp.stem.conv.kernel[...])
 
 
+@pytest.mark.parametrize("method", ["mcp", "tucker2"])
+def test_compress_forward_reconstructed_is_the_same_net(method):
+  """`forward="reconstructed"` (a speed choice) gives the same factors and the same
+  outputs and gradients as the factorized pipeline, through BatchNorm and all."""
+  model = _small()
+  plan = tnn.make_plan(model, method, ratio=0.4)
+  fac, rec = tnn.compress(model, plan), tnn.compress(model, plan, forward="reconstructed")
+  for p, _ in plan:
+    assert tnn.layer_paths(rec)[p].forward == "reconstructed"
+    assert tnn.layer_paths(fac)[p].forward == "factorized"
+
+  def grads(m):
+    g, params, rest = nnx.split(m, nnx.Param, ...)
+    return jax.value_and_grad(lambda p: jnp.sum(nnx.merge(g, p, rest)(X) ** 2))(params)
+
+  (v1, g1), (v2, g2) = grads(fac), grads(rec)
+  np.testing.assert_allclose(v2, v1, rtol=1e-10)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(a))))
+  rand = tnn.factorize_random(model, plan, nnx.Rngs(3), forward="reconstructed")
+  assert tnn.layer_paths(rand)[plan.paths[0]].forward == "reconstructed"
+  with pytest.raises(ValueError, match="forward 'fast'; allowed"):
+    tnn.compress(model, plan, forward="fast")
+  with pytest.raises(ValueError, match="forward 'fast'; allowed"):
+    tnn.factorize_random(model, plan, nnx.Rngs(3), forward="fast")
+
+
 def test_compressed_layers_equal_their_plan_decomposition():
   model = _small()
   plan = tnn.make_plan(model, "tucker2", ratio=0.4)

@@ -265,3 +265,23 @@ def test_init_from_is_compared_by_content_not_path(tmp_path):
   b.write_bytes(b"another teacher")
   with pytest.raises(ConfigMismatch, match="init_from_sha256"):
     workdir_lib.check_config(str(work), cfg)
+
+
+def test_a_sections_forward_path_may_change_on_resume_and_its_settings_may_not(tmp_path):
+  """`forward` (the same function through another path) is no setting that shapes a
+  phase: a started section may change it, and it is left out of the phase fingerprint;
+  the section's other settings stay refused."""
+  from train import workdir as workdir_lib
+
+  work = tmp_path / "w"
+  (work / "seqkd_block0" / "ckpt").mkdir(parents=True)  # the section has started
+  sec = dict(kind="seqkd", method="mcp", ratio=0.1, opt=dict(lr=1e-3))
+  cfg = ml_collections.ConfigDict(dict(methods=("dense", "seqkd"), seqkd=sec))
+  workdir_lib.check_config(str(work), cfg)
+  cfg.seqkd.forward = "reconstructed"
+  workdir_lib.check_config(str(work), cfg)
+  assert json.loads((work / "config.json").read_text())["seqkd"]["forward"] == "reconstructed"
+  assert workdir_lib.shaping(cfg.seqkd.to_dict()) == sec
+  cfg.seqkd.opt.lr = 1e-2
+  with pytest.raises(ConfigMismatch, match=r"seqkd.opt.lr: 0.001 -> 0.01"):
+    workdir_lib.check_config(str(work), cfg)

@@ -1,8 +1,9 @@
 """Factorized conv and dense layers: thin Flax NNX modules over `tnn.functional`.
 
-Every layer holds its factors as `nnx.Param`s (names from its kind), runs the factorized
-pipeline in `__call__`, and can also run through its reconstructed weight
-(`reconstructed(x)`, one dense conv/matmul: the oracle of the tests). Built either
+Every layer holds its factors as `nnx.Param`s (names from its kind) and has two forward
+paths: the factorized pipeline (`factorized(x)`) and one dense conv/matmul through its
+reconstructed weight (`reconstructed(x)`, the oracle of the tests). `__call__` runs the
+one named by the layer's static `forward` (default `"factorized"`). Built either
 randomly (variance-preserving, for training from scratch) or from a dense weight
 (`from_weight`, through `decomp`); `num_params()` counts exactly the numbers stored
 and `macs(input_shape)` the multiply-adds of the factorized forward.
@@ -26,6 +27,7 @@ from tnn import functional as F
 from tnn import ops
 
 __all__ = [
+  "FORWARDS",
   "CPConv",
   "CPDense",
   "Factorized",
@@ -81,6 +83,10 @@ def check_at_most(value: int, hi: int, name: str) -> None:
     raise ValueError(f"{name}={value} exceeds {hi}; allowed range [1, {hi}].")
 
 
+FORWARDS = ("factorized", "reconstructed")
+"""The values of a layer's `forward`: which of its two paths `__call__` runs."""
+
+
 class Factorized(nnx.Module):
   """A layer whose weight is stored as factors of kind `self.kind` (`tnn.functional`).
 
@@ -89,6 +95,13 @@ class Factorized(nnx.Module):
     hyper: the kind's static hyper-parameters (ranks, mode factorizations).
     names: the factor params' names.
     bias: `nnx.Param (T,)` or None.
+    forward: `"factorized"` (the method's pipeline, the one `macs` counts) or
+      `"reconstructed"` (the weight rebuilt from the factors, then one conv or matmul).
+      Both are the same function of the input and the factors, so values and gradients
+      agree to rounding (tested); the choice is speed only. The reconstructed path wins
+      where the pipeline's contractions are too small or too oddly shaped for the
+      backend: on XLA's CPU backend the m-form convs train several times faster through it
+      (the README's m-form measurement), although the pipeline has fewer multiply-adds.
   """
 
   kind: F.Kind
@@ -106,8 +119,12 @@ class Factorized(nnx.Module):
     bias: jax.Array | None = None,
     dtype=None,
     param_dtype=jnp.float32,
+    forward: str = "factorized",
     rngs: nnx.Rngs | None = None,
   ):
+    if forward not in FORWARDS:
+      raise ValueError(f"{type(self).__name__}: forward {forward!r}; allowed {FORWARDS}.")
+    self.forward = forward
     self.weight_shape = tuple(int(d) for d in weight_shape)
     self.hyper = hyper
     self.strides = _pair(strides, "strides") if self.conv else (1, 1)
@@ -171,6 +188,10 @@ class Factorized(nnx.Module):
     return y + self.bias[...].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return self.factorized(x) if self.forward == "factorized" else self.reconstructed(x)
+
+  def factorized(self, x: jax.Array) -> jax.Array:
+    """The layer through its factorized pipeline (`self.kind.apply`)."""
     x, p = self._cast(x, self.factors())
     return self._add_bias(self.kind.apply(x, p, self.hyper, self.strides, self.padding))
 
@@ -190,7 +211,8 @@ class Factorized(nnx.Module):
     return n + (0 if self.bias is None else self.weight_shape[-1])
 
   def macs(self, input_shape: Sequence[int]) -> int:
-    """Multiply-adds of the factorized forward for an input of this shape (bias excluded)."""
+    """Multiply-adds of the factorized forward for an input of this shape (bias excluded),
+    whichever path `forward` names: the method's cost, not the training shortcut's."""
     return self.kind.macs(
       tuple(input_shape), self.weight_shape, self.hyper, self.strides, self.padding
     )

@@ -618,10 +618,12 @@ def _set_path(model, path: str, value) -> None:
     setattr(node, last, value)
 
 
-def compress(model: nnx.Module, plan: Plan) -> nnx.Module:
+def compress(model: nnx.Module, plan: Plan, *, forward: str = "factorized") -> nnx.Module:
   """A copy of `model` whose planned layers are factorized, initialised from the
   decomposition of their dense weights; everything else (BatchNorm statistics included)
-  is copied. Same-shape weights with the same plan are decomposed together (`vmap`)."""
+  is copied. Same-shape weights with the same plan are decomposed together (`vmap`).
+  `forward`: the new layers' path (`tnn.layers.Factorized`; speed only)."""
+  _check_forward(forward)
   check_plan(plan, model)
   new = nnx.clone(model)
   layers = layer_paths(new)
@@ -636,13 +638,20 @@ def compress(model: nnx.Module, plan: Plan) -> nnx.Module:
     for i, p in enumerate(paths):
       m = layers[p]
       bias = None if getattr(m, "bias", None) is None else m.bias[...]
-      _set_path(new, p, _factorized(m, lp, params={k: v[i] for k, v in params.items()}, bias=bias))
+      params_i = {k: v[i] for k, v in params.items()}
+      _set_path(new, p, _factorized(m, lp, params=params_i, bias=bias, forward=forward))
   return new
+
+
+def _check_forward(forward):
+  if forward not in L.FORWARDS:
+    raise ValueError(f"forward {forward!r}; allowed {L.FORWARDS}.")
 
 
 def _factorized(m, lp: LayerPlan, **init) -> L.Factorized:
   """The factorized layer that replaces `m` under `lp`, with `m`'s strides, padding, bias
-  flag and dtype; `init` is `params=, bias=` (from a decomposition) or `rngs=` (random)."""
+  flag and dtype; `init` is `params=, bias=` (from a decomposition) or `rngs=` (random),
+  and `forward=`."""
   w = _weight(m)
   common = dict(use_bias=getattr(m, "bias", None) is not None, param_dtype=w.dtype, **init)
   if w.ndim == 4:
@@ -755,12 +764,15 @@ def report(model: nnx.Module, input_shape: Sequence[int]) -> dict:
   )
 
 
-def factorize_random(model: nnx.Module, plan: Plan, rngs: nnx.Rngs) -> nnx.Module:
+def factorize_random(
+  model: nnx.Module, plan: Plan, rngs: nnx.Rngs, *, forward: str = "factorized"
+) -> nnx.Module:
   """A copy of `model` whose planned layers are factorized with random (He) factors: the
-  "from scratch" baseline. Everything else is copied."""
+  "from scratch" baseline. Everything else is copied. `forward` as in `compress`."""
+  _check_forward(forward)
   check_plan(plan, model)
   new = nnx.clone(model)
   layers = layer_paths(new)
   for p, lp in plan:
-    _set_path(new, p, _factorized(layers[p], lp, rngs=rngs))
+    _set_path(new, p, _factorized(layers[p], lp, rngs=rngs, forward=forward))
   return new

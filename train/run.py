@@ -27,7 +27,9 @@ step count is a multiple of SD, so an uncapped large estimate lengthens a short 
 After the last distortion the BatchNorm statistics are recomputed at the distorted
 weights (`bn_batches` batches; 0 keeps them) before conversion. For the methods that
 start from a decomposition (`finetune`, `seqkd`, `e2ekd`), `bn_batches` recomputes them
-right after it, before any training.
+right after it, before any training. Their sections' `forward` ("factorized", the
+default, or "reconstructed"; `scratch` too) picks the factorized layers' path: the same
+function and gradients, a training-speed choice only (`tnn.layers.Factorized`).
 
 `config.init_from` starts the dense net from a file (a kept teacher `.npz`, or PyTorch
 weights of a ResNet: `train.teacher.init_from`); `dense.steps` then trains it further
@@ -108,6 +110,8 @@ def validate(config) -> None:
         raise ValueError(f"config.{m}.sd_recover must be in (0, 1), got {sub.sd_recover}.")
       if sub.get("sd_max", 0) < 0:
         raise ValueError(f"config.{m}.sd_max must be >= 0 (0: no cap), got {sub.sd_max}.")
+    if sub is not None and (sub.get("forward") or "factorized") not in tnn.layers.FORWARDS:
+      raise ValueError(f"config.{m}.forward: {sub.forward!r}; allowed {tnn.layers.FORWARDS}.")
     if sub is not None and sub.get("bn_batches", 0) < 0:
       raise ValueError(f"config.{m}.bn_batches must be >= 0, got {sub.bn_batches}.")
   if config.model not in tnn.models.MODELS:
@@ -264,7 +268,7 @@ class Context:
       keep=config.keep,
       log_every=config.log_every,
       resume=config.get("resume") or "",
-      fingerprint=dict(run=self.run_fp, section=c.to_dict(), **(parent or {})),
+      fingerprint=dict(run=self.run_fp, section=workdir_lib.shaping(c.to_dict()), **(parent or {})),
     )
     after = trainer.phase_seconds(self.workdir, name)
     self.train_s += after
@@ -285,8 +289,10 @@ class Context:
   def decomposed(self, dense, plan, c, extra):
     """`dense` decomposed by `plan`, its BatchNorm statistics recomputed at the new weights
     when the section asks (`bn_batches`: the dense net's statistics no longer fit the
-    factorized convs' outputs). Records the accuracy before and after."""
-    student = tnn.compress(dense, plan)
+    factorized convs' outputs). Records the accuracy before and after. The section's
+    `forward` (default "factorized") picks the layers' path: speed only, the same function
+    (`tnn.layers.Factorized`)."""
+    student = tnn.compress(dense, plan, forward=c.get("forward") or "factorized")
     extra["accuracy_after_decomposition"] = self.evaluate(student)
     if c.get("bn_batches", 0):
       student = self.recompute_bn(student, c)
@@ -380,7 +386,9 @@ def e2ekd_phase(ctx, name, c, teacher, plan):
 
 def scratch_phase(ctx, name, c, teacher, plan):
   """The same factorized net from random factors, trained with cross-entropy."""
-  student = tnn.factorize_random(teacher, plan, nnx.Rngs(ctx.config.seed + 1))
+  student = tnn.factorize_random(
+    teacher, plan, nnx.Rngs(ctx.config.seed + 1), forward=c.get("forward") or "factorized"
+  )
   parent = dict(parent=ctx.dense_key, plan=plan.to_json())
   return ctx.phase(name, student, c, parent=parent), {}
 

@@ -8,7 +8,8 @@ on a held workdir gets `WorkdirLocked`, naming the holder.
 `check_config(workdir, config)` compares the config with the `config.json` of an earlier
 run in the same workdir, before any compute:
 
-- keys that change neither a state nor a result (`IGNORED`) may differ;
+- keys that change neither a state nor a result (`IGNORED`, and in a method section
+  `SECTION_IGNORED`) may differ;
 - `init_from` is compared by the file's content (its SHA-256, recorded beside the path as
   `init_from_sha256`): the same teacher under another path (a moved checkout) is the same
   run, another file under the same path is not;
@@ -40,6 +41,15 @@ IGNORED = (
   "eval_every",
   "eval_examples",
 )
+SECTION_IGNORED = ("forward",)
+"""Method-section keys that pick how a phase computes, not what: `forward` runs the same
+function through another path (`tnn.layers.Factorized`), so it differs only by rounding."""
+
+
+def shaping(section: dict) -> dict:
+  """`section` without the keys that do not shape its phases' states (`SECTION_IGNORED`):
+  what a phase's checkpoint fingerprint records."""
+  return {k: v for k, v in section.items() if k not in SECTION_IGNORED}
 
 
 class WorkdirLocked(RuntimeError):
@@ -136,6 +146,8 @@ def check_config(workdir: str, config) -> None:
   refused = []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict) and key in sections:
+      a, b = shaping(a), shaping(b)
     if a == b or key in IGNORED or key == "methods":
       continue
     if key == "init_from" and old.get("init_from_sha256") == new.get("init_from_sha256"):

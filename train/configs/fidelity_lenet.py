@@ -21,8 +21,12 @@ Seq-KD as the authors run it: MSE to the teacher's block output, Adam at 1e-3, o
 block trains; LeNet has one block, and its compressed dense layers are outside it, so
 Seq-KD is followed by end-to-end distillation (alpha 0.9, T 4). Every arm trains for the
 same 4 epochs in all (Seq-KD: 1 block epoch + 3 end-to-end; the others 4), Adam 1e-3,
-batch 128, no augmentation. Departures, for the CPU: Fashion-MNIST instead of MNIST, 4
-epochs instead of 100 per stage, and the E2E phase LeNet's layout forces.
+batch 128, no augmentation. The m-form arms' layers train through their reconstructed
+weights (`forward="reconstructed"`: the same function and gradients; XLA's CPU backend runs
+the factorized m-form pipeline several times slower, the README's m-form measurement);
+their rows' MACs are the factorized forward's. Departures, for the CPU: Fashion-MNIST
+instead of MNIST, 4 epochs instead of 100 per stage, and the E2E phase LeNet's layout
+forces.
 """
 
 import json
@@ -66,15 +70,14 @@ def get_config(arg=None):
     methods.append(f"seqkd_{form}")
   for form in ("mcp", "mtk", "mtt"):
     c[f"seqkd_{form}"] = section(
-      kind="seqkd", method=form, ratio=r, layers=layers,
+      kind="seqkd", method=form, ratio=r, layers=layers, forward="reconstructed",
       block_steps=block, e2e_steps=total - block, **kd,
     )  # fmt: skip
     methods.append(f"seqkd_{form}")
   if rate == RATES[0]:
-    c.e2ekd_mcp = section(kind="e2ekd", method="mcp", ratio=r, layers=layers, steps=total, **kd)
-    c.scratch_mcp = section(
-      kind="scratch", method="mcp", ratio=r, layers=layers, steps=total, opt=adam
-    )
+    m_form = dict(method="mcp", ratio=r, layers=layers, steps=total, forward="reconstructed")
+    c.e2ekd_mcp = section(kind="e2ekd", **m_form, **kd)
+    c.scratch_mcp = section(kind="scratch", **m_form, opt=adam)
     methods += ["e2ekd_mcp", "scratch_mcp"]
   c.methods = tuple(methods)
   c.checkpoint_every, c.log_every = 500, 100
