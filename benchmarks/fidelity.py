@@ -9,7 +9,9 @@ Each (study, seed) is one CLI run (`python -m train --config train/configs/fidel
 stopped run. As each seed finishes, its rows go to `benchmarks/results/fidelity-<study>.json`
 (method, net, seed, params, MACs, conv share, test accuracy, steps, wall time, command,
 machine, date), replacing earlier rows of the same (method, seed). `--set KEY=VALUE`
-and `--arg ARG` (the config's argument: lenet's rate, `steps=N`) change the runs; `--check`
+and `--arg ARG` (the config's argument: lenet's rate, `steps=N`) change the runs;
+`--methods A,B` runs only those arms of the config (and the teacher), their rows merged
+into the file beside the others' (a subset of the same study, not a change); `--check`
 (a check of the script at a tiny length) writes to `fidelity-<study>-check.json` instead.
 
 The report: mean and sample std over seeds per method, and for each pair of arms that a
@@ -208,14 +210,20 @@ def main(argv=None):
   p.add_argument("--arg", default="", help="the config's ARG (lenet: the rate; steps=N)")
   p.add_argument("--check", action="store_true", help="rows to fidelity-<study>-check.json")
   p.add_argument("--data-dir", default="", help="the data set's folder (config.data_dir)")
+  p.add_argument("--methods", default="", help="only these arms (comma list; dense is added)")
   p.add_argument("--report-only", action="store_true")
   a = p.parse_args(argv)
+  if a.methods:
+    arms = ["dense"] + [m for m in a.methods.split(",") if m and m != "dense"]
+    only = [f"methods={','.join(arms)}"]
+  else:
+    only = []
   check = a.check or bool(a.set)
   path = _rows_path(a.study, check)
   rows = _load(path)
   if not a.report_only:
     for seed in (int(x) for x in a.seeds.split(",")):
-      new = run_seed(a.study, seed, a.root, a.set, a.arg, a.data_dir)
+      new = run_seed(a.study, seed, a.root, a.set + only, a.arg, a.data_dir)
       keys = {(r["method"], r["seed"], r.get("arg", "")) for r in new}
       rows = [r for r in rows if (r["method"], r["seed"], r.get("arg", "")) not in keys] + new
       os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,0 +1,49 @@
+"""benchmarks.fidelity's report: means and seed std per arm, verdicts by the 2-std rule."""
+
+import json
+
+import pytest
+
+from benchmarks import fidelity
+
+
+def _row(method, seed, acc, arg="0.1"):
+  return dict(method=method, seed=seed, arg=arg, test_accuracy=acc, conv_ratio=0.1, params=10)
+
+
+def test_summary_and_verdicts_follow_the_rule():
+  rows = [_row("deeptwist_tucker2", s, a) for s, a in enumerate((0.90, 0.92, 0.94))]
+  rows += [_row("tucker2", s, a) for s, a in enumerate((0.80, 0.81, 0.82))]
+  s = fidelity.summary(rows)
+  assert s["tucker2@0.1"]["n"] == 3
+  assert s["tucker2@0.1"]["mean"] == pytest.approx(0.81)
+  assert s["deeptwist_tucker2@0.1"]["std"] == pytest.approx(0.02)  # sample std
+  (v,) = [v for v in fidelity.verdicts("resnet20", s) if v["b"] == "tucker2@0.1"]
+  assert v["difference"] == pytest.approx(0.11)
+  assert v["pooled_std"] == pytest.approx(((0.02**2 + 0.01**2) / 2) ** 0.5)
+  assert v["verdict"] == "reproduced"
+  rows[3:] = [_row("tucker2", s, a) for s, a in enumerate((0.90, 0.92, 0.95))]  # within 2 std
+  (v,) = [v for v in fidelity.verdicts("resnet20", fidelity.summary(rows)) if "0.1" in v["a"]]
+  assert v["verdict"].startswith("inconclusive (|difference|")
+  one = fidelity.summary([_row("deeptwist_tucker2", 0, 0.9), _row("tucker2", 0, 0.5)])
+  (v,) = fidelity.verdicts("resnet20", one)
+  assert v["verdict"] == "inconclusive (one seed)"
+
+
+def test_methods_runs_a_subset_and_merges_its_rows(tmp_path, monkeypatch):
+  calls = []
+
+  def run_seed(study, seed, root, overrides, arg="", data_dir=""):
+    calls.append(overrides)
+    return [_row("dense", seed, 0.93, arg), _row("seqkd_mtt", seed, 0.8, arg)]
+
+  path = tmp_path / "rows.json"
+  path.write_text(json.dumps([_row("tucker2", 0, 0.9), _row("seqkd_mtt", 0, 0.1)]))
+  monkeypatch.setattr(fidelity, "run_seed", run_seed)
+  monkeypatch.setattr(fidelity, "_rows_path", lambda study, check: str(path))
+  monkeypatch.setattr(fidelity, "plot", lambda *a: None)
+  fidelity.main(["--study", "resnet20", "--arg", "0.1", "--seeds", "0", "--methods", "seqkd_mtt"])
+  assert calls == [["methods=dense,seqkd_mtt"]]
+  rows = json.loads(path.read_text())
+  got = {(r["method"], r["test_accuracy"]) for r in rows}
+  assert got == {("tucker2", 0.9), ("dense", 0.93), ("seqkd_mtt", 0.8)}  # replaced, kept
