@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -80,3 +81,17 @@ def test_a_teacher_that_does_not_fit_the_model_is_named(tmp_path):
   (tmp_path / "bad.npz").write_bytes(bytes(blob))
   with pytest.raises(ValueError, match="checksum|not a readable teacher"):
     teacher.read(str(tmp_path / "bad.npz"))
+
+
+def test_the_decomposition_benchmark_reads_every_conv_kernel_of_a_teacher():
+  """`benchmarks.decomp` on a teacher: exactly the file's conv kernels, in layer order."""
+  from benchmarks import decomp as bench
+
+  path = os.path.join(REPO, "teachers", "lenet5_fmnist.npz")
+  name, kernels = bench.net_kernels(path)
+  arrays, _ = teacher.read(path)
+  convs = [k for k in arrays if k.endswith("kernel") and arrays[k].ndim == 4]
+  assert name == "teacher:lenet5_fmnist.npz" and len(kernels) == len(convs) == 2
+  assert sorted(k.shape for k in kernels) == sorted(arrays[k].shape for k in convs)
+  for k in kernels:
+    assert any(np.array_equal(k, arrays[c]) for c in convs)
