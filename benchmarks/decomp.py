@@ -64,16 +64,10 @@ def _kernels(shape_list, seed=0):
 
 def teacher_kernels(path: str) -> list:
   """Every conv kernel (HWIO, float32) of the kept teacher at `path`, in layer order."""
-  from flax import nnx
-
   import tnn
   from train import teacher as teacher_lib
 
-  _, meta = teacher_lib.read(path)
-  model = tnn.models.MODELS[meta["model"]](
-    10, rngs=nnx.Rngs(0), in_channels=1, **meta.get("model_kwargs", {})
-  )
-  teacher_lib.load_into(model, path)
+  model = teacher_lib.load(path)
   out = []
   for m in tnn.layer_paths(model).values():
     k = getattr(m, "kernel", None)

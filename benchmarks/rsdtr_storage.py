@@ -19,7 +19,6 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import decomp
 import tnn
@@ -38,11 +37,7 @@ def main(argv=None):
   p.add_argument("--out", default="benchmarks/results/rsdtr-storage.jsonl")
   a = p.parse_args(argv)
   decomp.avoid_cpu_runtime_hang()
-  _, meta = teacher_lib.read(a.teacher)
-  model = tnn.models.MODELS[meta["model"]](
-    10, rngs=nnx.Rngs(0), in_channels=1, **meta.get("model_kwargs", {})
-  )
-  teacher_lib.load_into(model, a.teacher)
+  model = teacher_lib.load(a.teacher)
   plan = tnn.make_plan(model, "tr", ratio=0.5)  # only for its (default) layer paths
   layers = tnn.layer_paths(model)
   kernels = [np.asarray(layers[q].kernel[...]) for q in plan.paths]

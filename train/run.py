@@ -110,7 +110,7 @@ def validate(config) -> None:
         raise ValueError(f"config.{m}.sd_recover must be in (0, 1), got {sub.sd_recover}.")
       if sub.get("sd_max", 0) < 0:
         raise ValueError(f"config.{m}.sd_max must be >= 0 (0: no cap), got {sub.sd_max}.")
-    if sub is not None and (sub.get("forward") or "factorized") not in tnn.layers.FORWARDS:
+    if sub is not None and _forward(sub) not in tnn.layers.FORWARDS:
       raise ValueError(f"config.{m}.forward: {sub.forward!r}; allowed {tnn.layers.FORWARDS}.")
     if sub is not None and sub.get("bn_batches", 0) < 0:
       raise ValueError(f"config.{m}.bn_batches must be >= 0, got {sub.bn_batches}.")
@@ -292,7 +292,7 @@ class Context:
     factorized convs' outputs). Records the accuracy before and after. The section's
     `forward` (default "factorized") picks the layers' path: speed only, the same function
     (`tnn.layers.Factorized`)."""
-    student = tnn.compress(dense, plan, forward=c.get("forward") or "factorized")
+    student = tnn.compress(dense, plan, forward=_forward(c))
     extra["accuracy_after_decomposition"] = self.evaluate(student)
     if c.get("bn_batches", 0):
       student = self.recompute_bn(student, c)
@@ -314,6 +314,11 @@ def _run_fingerprint(config) -> dict:
     compute_dtype=config.compute_dtype,
     init_from=ckpt_lib.file_sha256(init_from)[:16] if init_from else "",
   )
+
+
+def _forward(c) -> str:
+  """Section `c`'s factorized-layer path (`tnn.layers.FORWARDS`; unset: "factorized")."""
+  return c.get("forward") or "factorized"
 
 
 def _distillation(c) -> steps_lib.Distillation:
@@ -386,9 +391,7 @@ def e2ekd_phase(ctx, name, c, teacher, plan):
 
 def scratch_phase(ctx, name, c, teacher, plan):
   """The same factorized net from random factors, trained with cross-entropy."""
-  student = tnn.factorize_random(
-    teacher, plan, nnx.Rngs(ctx.config.seed + 1), forward=c.get("forward") or "factorized"
-  )
+  student = tnn.factorize_random(teacher, plan, nnx.Rngs(ctx.config.seed + 1), forward=_forward(c))
   parent = dict(parent=ctx.dense_key, plan=plan.to_json())
   return ctx.phase(name, student, c, parent=parent), {}
 

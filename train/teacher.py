@@ -131,6 +131,18 @@ def load_into(model: nnx.Module, path: str) -> nnx.Module:
   return model
 
 
+def load(path: str) -> nnx.Module:
+  """The kept teacher at `path` as its model (a Fashion-MNIST net: 10 classes, 1 channel,
+  the `model` and `model_kwargs` its file records), every variable from the file."""
+  _, meta = read(path)
+  from tnn import models
+
+  model = models.MODELS[meta["model"]](
+    10, rngs=nnx.Rngs(0), in_channels=1, **meta.get("model_kwargs", {})
+  )
+  return load_into(model, path)
+
+
 def _machine() -> str:
   cpu = ""
   try:
