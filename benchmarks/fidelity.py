@@ -47,6 +47,11 @@ CLAIMS = {
       f"tucker2@{r}",
     )
     for r in ("0.1", "0.2")
+  ]
+  + [
+    (f"TNN: Seq-KD beats {name} (mTT, ResNet-20, rate {r})", f"seqkd_mtt@{r}", f"{arm}_mtt@{r}")
+    for r in ("0.1", "0.2")
+    for arm, name in (("e2ekd", "E2E-KD"), ("scratch", "training the same TNN from scratch"))
   ],
   "cnn": [
     (

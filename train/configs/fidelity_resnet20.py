@@ -26,7 +26,11 @@ images/s (the papers run 80-160 epochs per method):
   per stage, no end-to-end phase (the paper's results). Its layers train through their
   reconstructed kernels (`forward="reconstructed"`: the same function and gradients; XLA's
   CPU backend runs the factorized m-form pipeline several times slower, the README's
-  m-form measurement); the row's MACs are the factorized forward's.
+  m-form measurement); the row's MACs are the factorized forward's;
+- `e2ekd_mtt`: the same mTT net trained end to end for `steps` steps on the teacher's
+  logits (TNN's E2E-KD: alpha 0.9 on the soft targets at temperature 4), Adam 1e-3;
+- `scratch_mtt`: the same mTT net from random factors, cross-entropy, Adam 1e-3, `steps`
+  steps (TNN's "from scratch" baseline).
 
 Departures, for the CPU: Fashion-MNIST (padded to 32x32, crops of pad 2, no flips)
 instead of CIFAR-10, the short common length, and 1 seed per rate.
@@ -74,6 +78,11 @@ def get_config(arg=None):
     kind="seqkd", method="mtt", ratio=r, modes=3, block_steps=max(steps // 3, 1),
     e2e_steps=0, opt=dict(ADAM), forward="reconstructed",
   )  # fmt: skip
-  c.methods = ("dense", "deeptwist_tucker2", "tucker2", "rsdtr", "seqkd_mtt")
+  m_tt = dict(method="mtt", ratio=r, modes=3, steps=steps, forward="reconstructed")
+  c.e2ekd_mtt = section(kind="e2ekd", alpha=0.9, temperature=4.0, opt=dict(ADAM), **m_tt)
+  c.scratch_mtt = section(kind="scratch", opt=dict(ADAM), **m_tt)
+  c.methods = (
+    "dense", "deeptwist_tucker2", "tucker2", "rsdtr", "seqkd_mtt", "e2ekd_mtt", "scratch_mtt",
+  )  # fmt: skip
   c.checkpoint_every, c.log_every, c.eval_every = 100, 50, 100
   return c
