@@ -40,7 +40,6 @@ from flax import nnx
 
 import tnn
 from benchmarks import common
-from tnn import plan as plan_lib
 from train import steps as steps_lib
 
 KINDS = ("tucker2", "cp", "tt", "tr")
@@ -126,9 +125,10 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
 def _layer(kind, c, ratio, dtype):
   """A factorized 3x3 conv `c -> c` at `ratio` (the plan's rank rule), random factors."""
   w_shape = (3, 3, c, c)
-  lp = plan_lib.ratio_layer_plan(kind, w_shape, ratio)
-  cls = plan_lib.layer_class(kind)
-  return cls(c, c, (3, 3), *lp.hyper_args(), use_bias=False, dtype=dtype, rngs=nnx.Rngs(0))
+  rec = tnn.methods.get_method(kind)
+  lp = rec.ratio_plan(w_shape, ratio)
+  cls = rec.layer_class(conv=True)
+  return cls(c, c, (3, 3), *rec.hyper(lp), use_bias=False, dtype=dtype, rngs=nnx.Rngs(0))
 
 
 def _layer_rows(args, device: str) -> list:
@@ -204,7 +204,7 @@ def main(argv=None):
   bad = [f for f in args.forward if f not in tnn.layers.FORWARDS]
   if bad:
     p.error(f"--forward: {bad[0]!r}; allowed {tnn.layers.FORWARDS}")
-  allowed = tuple(m for m in tnn.CONV_METHODS if m != "tiled_svd")  # tiled: no layer
+  allowed = tuple(m for m, r in tnn.methods.METHODS.items() if r.conv is not None)  # a layer
   for k in args.kinds:
     if k not in allowed:
       p.error(f"--kinds: unknown {k!r}; allowed {allowed}")

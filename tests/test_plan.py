@@ -175,7 +175,7 @@ def test_report_macs_match_xla_cost_analysis(method):
   model.eval()
   shape = (1, 32, 32, 3)
   rep = tnn.report(model, shape)
-  shapes = tnn.plan._input_shapes(model, shape)
+  shapes = tnn.counts._input_shapes(model, shape)
   layers = tnn.layer_paths(model)
   xla = 0.0
   for row in rep["layers"]:
@@ -227,10 +227,19 @@ def test_dense_layers_can_be_planned():
 
 
 def test_register_method_refuses_bad_registrations():
+  M = tnn.Method
   with pytest.raises(ValueError, match="empty or taken"):
-    tnn.register_method("tucker2", tnn.layers.TuckerConv, lambda ws, r: (1, 1))
+    tnn.register_method(M("tucker2", lambda ws, r: (1, 1), tnn.layers.TuckerConv))
   with pytest.raises(ValueError, match="not a tnn.layers.Factorized conv class"):
-    tnn.register_method("mine", tnn.layers.SVDDense, lambda ws, r: (1,))
-  with pytest.raises(ValueError, match="not callable"):
-    tnn.register_method("mine", tnn.layers.TuckerConv, 3)
-  assert "mine" not in tnn.plan.CONV_METHODS
+    tnn.register_method(M("mine", lambda ws, r: (1,), tnn.layers.SVDDense))
+  with pytest.raises(ValueError, match="not a tnn.layers.Factorized dense class"):
+    tnn.register_method(M("mine", lambda ws, r: (1,), dense=tnn.layers.SVDConv))
+  with pytest.raises(ValueError, match="ratio: 3 is not callable"):
+    tnn.register_method(M("mine", 3, tnn.layers.TuckerConv))
+  with pytest.raises(ValueError, match="eps: 0.1 is not callable"):
+    tnn.register_method(M("mine", lambda ws, r: (1,), tnn.layers.TuckerConv, eps=0.1))
+  with pytest.raises(ValueError, match="targets: \\(\\)"):
+    tnn.register_method(M("mine", lambda ws, r: (1,)))  # no layer, no targets
+  with pytest.raises(ValueError, match="not a tnn.Method record"):
+    tnn.register_method("mine")
+  assert "mine" not in tnn.CONV_METHODS and "mine" not in tnn.methods.METHODS

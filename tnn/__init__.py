@@ -1,42 +1,33 @@
 """Tensorial layers, models and dense -> factorized conversion.
 
 `tnn.ops` (generalized tensor operations), `tnn.layers` (factorized conv and dense
-layers), `tnn.models` (the papers' networks), and the plan API: `make_plan` decides every
-targeted layer's decomposition and static ranks once, `compress` builds the factorized
-model from it, `distort` is the DeepTwist projection of one weight, `report` counts
-parameters and MACs.
+layers), `tnn.models` (the papers' networks), `tnn.methods` (one `Method` record per decomposition,
+in a registry), and the plan API: `make_plan` decides every targeted layer's decomposition
+and static ranks once (`tnn.plan`), `compress` builds the factorized model from it and
+`distort` is the DeepTwist projection of one weight (`tnn.convert`), `report` counts
+parameters and MACs (`tnn.counts`).
 """
 
-from tnn import layers, models, ops, weights
-from tnn import plan as _plan
-from tnn.plan import (
-  LayerPlan,
-  Plan,
-  check_plan,
-  compress,
-  decompose,
-  distort,
-  factorize_random,
-  layer_paths,
-  make_plan,
-  plan_params,
-  register_method,
-  report,
-)
+from tnn import layers, methods, models, ops, weights
+from tnn.convert import compress, decompose, distort, factorize_random
+from tnn.counts import report
+from tnn.methods import LayerPlan, Method, register_method
+from tnn.plan import Plan, check_plan, layer_paths, make_plan, plan_params
 from tnn.serving import export, load_exported
 
 
 def __getattr__(name: str):
-  # `tnn.CONV_METHODS` is read from `tnn.plan` at each access, so it includes the methods
-  # `register_method` added after this package was imported.
+  # `tnn.CONV_METHODS` is read from the registry at each access, so it includes the
+  # methods `register_method` added after this package was imported.
   if name == "CONV_METHODS":
-    return _plan.CONV_METHODS
+    return methods.conv_methods()
   raise AttributeError(f"module 'tnn' has no attribute {name!r}")
 
 
 __all__ = [
   "CONV_METHODS",
   "LayerPlan",
+  "Method",
   "Plan",
   "check_plan",
   "compress",
@@ -48,6 +39,7 @@ __all__ = [
   "layers",
   "load_exported",
   "make_plan",
+  "methods",
   "models",
   "ops",
   "plan_params",

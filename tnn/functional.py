@@ -245,8 +245,21 @@ def tr_params(tr: decomp.TR) -> dict:
   return dict(zip(("g0", "g1", "g2", "g3"), tr.cores, strict=True))
 
 
+def tr_decompose(kernel, ranks, shift: int = 0) -> dict:
+  """TR-SVD of the ring `(S, d_h, d_w, T)` of an HWIO kernel, the sweep started at ring
+  mode `shift` (RSDTR's winner; 0 is the plain TR-SVD), the cores rotated back into ring
+  order: the TR layers' params `g0..g3`. `ranks` are `(R0, R1, R2, R3)` in ring order."""
+  ring = jnp.transpose(kernel, RING_AXES)
+  order = [(shift + k) % 4 for k in range(4)]
+  tr = decomp.tr_svd(jnp.transpose(ring, order), ranks=tuple(ranks[i] for i in order))
+  cores = [None] * 4
+  for k, i in enumerate(order):
+    cores[i] = tr.cores[k]
+  return tr_params(decomp.TR(tuple(cores)))
+
+
 def _tr_decompose(kernel, ranks):
-  return tr_params(decomp.tr_svd(jnp.transpose(kernel, RING_AXES), ranks=ranks))
+  return tr_decompose(kernel, ranks, 0)
 
 
 def _tt_decompose(kernel, ranks):

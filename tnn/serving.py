@@ -79,12 +79,12 @@ def export(
   plan=None,
 ) -> dict:
   """Writes `model`'s inference function to the folder `path`; returns the report."""
-  from tnn import plan as plan_lib
+  from tnn.counts import report as count
 
   exp = exported(model, input_shape, platforms=platforms)
   blob = bytes(exp.serialize())
   counted = tuple(1 if d is None else d for d in input_shape)
-  rep = plan_lib.report(model, (1, *counted[1:]))
+  rep = count(model, (1, *counted[1:]))
   report = dict(
     input_shape=list(input_shape),
     input_dtype="float32",
