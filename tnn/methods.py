@@ -111,18 +111,23 @@ class Method:
   def ratio_plan(self, weight_shape, ratio: float, **options) -> LayerPlan:
     return self.plan(self.ratio(tuple(weight_shape), ratio, **self._options(options)))
 
+  def require(self, rule: str) -> None:
+    """`ValueError` naming the methods that have `rule` ("eps" or "vbmf") if this one has not."""
+    if getattr(self, rule) is not None:
+      return
+    having = [m.name for m in METHODS.values() if getattr(m, rule) is not None]
+    if rule == "eps":
+      raise ValueError(f"eps= is supported for methods {', '.join(having)}; got {self.name!r}.")
+    raise ValueError(
+      f"rule='vbmf' goes with method {' or '.join(map(repr, having))}, got {self.name!r}."
+    )
+
   def eps_plans(self, weights, eps: float, **options) -> list:
-    if self.eps is None:
-      with_eps = [m.name for m in METHODS.values() if m.eps is not None]
-      raise ValueError(f"eps= is supported for methods {', '.join(with_eps)}; got {self.name!r}.")
+    self.require("eps")
     return [self.plan(o) for o in self.eps(list(weights), eps, **self._options(options))]
 
   def vbmf_plan(self, weight) -> LayerPlan:
-    if self.vbmf is None:
-      with_vbmf = [m.name for m in METHODS.values() if m.vbmf is not None]
-      raise ValueError(
-        f"rule='vbmf' goes with method {' or '.join(map(repr, with_vbmf))}, got {self.name!r}."
-      )
+    self.require("vbmf")
     return self.plan(self.vbmf(weight))
 
   def layer_class(self, conv: bool = True) -> type:
@@ -207,9 +212,10 @@ def register_method(method: Method) -> Method:
   return method
 
 
-def get_method(name) -> Method:
+def get_method(name, arg: str = "method") -> Method:
+  """The registered record of `name`; `ValueError` naming `arg` if there is none."""
   if name not in METHODS:
-    raise ValueError(f"method: unknown method {name!r}; allowed {names()}.")
+    raise ValueError(f"{arg}: unknown method {name!r}; allowed {names()}.")
   return METHODS[name]
 
 

@@ -208,15 +208,17 @@ def make_plan(
     raise ValueError(
       f"make_plan: give exactly one of ratio, eps, rule, budget; got {sorted(given)}."
     )
-  _check_method(method, "method")
+  rec = methods.get_method(method)
   if ratio is not None and not 0 < ratio <= 1:
     raise ValueError(f"ratio must be in (0, 1], got {ratio}.")
   if eps is not None and not 0 < eps < 1:
     raise ValueError(f"eps must be in (0, 1), got {eps}.")
   if rule is not None and rule != "vbmf":
     raise ValueError(f"rule must be 'vbmf', got {rule!r}.")
-  if rule == "vbmf" and methods.get_method(method).vbmf is None:
-    methods.get_method(method).vbmf_plan(None)  # raises, naming the methods with a rule
+  if eps is not None:
+    rec.require("eps")
+  if rule is not None:
+    rec.require("vbmf")
   if budget is not None and not budget >= 1:
     raise ValueError(f"budget must be >= 1 parameter, got {budget}.")
   if modes is not None and not 1 <= modes <= 8:
@@ -239,7 +241,7 @@ def make_plan(
     bad = set(o) - {"method", "ranks", "ratio", "eps", "shift", "grid", "in_modes", "out_modes"}
     if bad:
       raise ValueError(f"overrides[{p!r}]: unknown keys {sorted(bad)}.")
-    _check_method(o.get("method", method), f"overrides[{p!r}]['method']")
+    methods.get_method(o.get("method", method), f"overrides[{p!r}]['method']")
     if p not in targets:
       targets.append(p)
   for p in targets:
@@ -259,7 +261,6 @@ def make_plan(
   def plan_for(p, meth, r):
     return methods.get_method(meth).ratio_plan(shapes[p], r, **opts)
 
-  rec = methods.get_method(method)
   plans = {}
   plain = [p for p in targets if p not in overrides]
   if ratio is not None:
@@ -296,11 +297,6 @@ def _eps_plans(rec, paths, weights, eps, opts) -> dict:
   together)."""
   found = rec.eps_plans([weights[p] for p in paths], eps, **opts)
   return dict(zip(paths, found, strict=True))
-
-
-def _check_method(method, name):
-  if method not in methods.METHODS:
-    raise ValueError(f"{name}: unknown method {method!r}; allowed {methods.names()}.")
 
 
 def _budget_plans(paths, method, budget, plan_for, shapes) -> dict:
