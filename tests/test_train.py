@@ -196,6 +196,8 @@ def test_tiny_run_learns_and_every_method_runs(tmp_path):
   # Test-subset accuracy is logged during every phase (eval_every=10) and at its end.
   evals = [m for m in logged if "test_accuracy" in m and m.get("event") != "result"]
   assert {m["phase"] for m in evals} >= {"dense", "deeptwist", "seqkd_block0", "seqkd_e2e"}
+  n_blocks = len({m["phase"] for m in logged if m["phase"].startswith("seqkd_block")})
+  assert by["seqkd"]["steps"] == 5 * n_blocks + 5  # block_steps per block, then e2e_steps
   assert [m["step"] for m in evals if m["phase"] == "dense"] == [10, 20, 30, 40]
   # A finished workdir run again: the same rows, the training seconds kept (they come from
   # the checkpoints), no line added to the metrics log.

@@ -423,6 +423,7 @@ def seqkd_phase(ctx, name, c, teacher, plan):
       teacher=teacher,
       parent=parent,
     )
+  extra["steps"] = len(blocks) * c.block_steps + (c.e2e_steps or 0)  # the row's total
   return student, extra
 
 
