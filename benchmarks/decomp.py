@@ -286,6 +286,7 @@ def _fmt(r):
 
 def main():
   decomp.avoid_cpu_runtime_hang()  # before jax starts; nothing where a GPU/TPU plugin is
+  decomp.reuse_host_memory()  # the same
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )

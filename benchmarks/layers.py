@@ -25,6 +25,11 @@
 Factors are random (speed does not depend on their values). Compile time (`first_ms`) is
 reported apart; times are medians of `--steps` runs after a warm-up, each run blocked
 until ready. Rows go to `--out` as JSON lines naming the device; a table is printed last.
+
+On a CPU the process first opts in to `decomp.reuse_host_memory()` (glibc keeps the
+buffers XLA frees instead of mapping each step's anew), as the `train` CLI does; the peer
+runs in the same process under the same setting. `--host-memory default` leaves glibc's
+defaults, for the before/after figure (`reused_host_memory` in the rows).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import decomp
 import tnn
 from benchmarks import common
 from train import steps as steps_lib
@@ -96,6 +102,7 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
         macs_per_image=rep["macs"],
         images_per_s=batch_size / (t["median_ms"] / 1e3),
         device=device,
+        reused_host_memory=args.reused_host_memory,
         **t,
       )
     )
@@ -175,6 +182,7 @@ def _layer_rows(args, device: str) -> list:
           params=int(n),
           macs=int(macs),
           device=device,
+          reused_host_memory=args.reused_host_memory,
           **t,
         )
       )
@@ -198,7 +206,15 @@ def main(argv=None):
   p.add_argument("--forward", default="factorized", help="comma list: factorized,reconstructed")
   p.add_argument("--only", default="", choices=("", "step", "layer"))
   p.add_argument("--out", default="benchmarks/results/layers.jsonl")
+  p.add_argument(
+    "--host-memory",
+    default="reuse",
+    choices=("reuse", "default"),
+    help="reuse: decomp.reuse_host_memory() first (CPU only); default: glibc's defaults",
+  )
   args = p.parse_args(argv)
+  # Before jax starts; the PyTorch peer runs in this process, under the same malloc.
+  args.reused_host_memory = args.host_memory == "reuse" and decomp.reuse_host_memory()
   args.kinds = tuple(k for k in args.kinds.split(",") if k)
   args.forward = tuple(f for f in args.forward.split(",") if f)
   bad = [f for f in args.forward if f not in tnn.layers.FORWARDS]

@@ -97,6 +97,7 @@ def entry(argv=None) -> None:
   import decomp
 
   decomp.avoid_cpu_runtime_hang()  # explicit, before jax starts; CPU-only jax installs only
+  decomp.reuse_host_memory()  # the same: freed buffers reused, not mapped anew each step
   argv = _split_lists(list(sys.argv if argv is None else argv))
   if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
     print(_USAGE.format(configs=_configs()))
