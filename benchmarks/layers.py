@@ -15,9 +15,9 @@
    same run. The target is `vs_dense >= 1.0`; rows that miss it say so.
    The peer (`--peer torch`, the default where the `bench` extra is installed;
    `benchmarks.torch_peer`): the same net in eager PyTorch, dense, and with TensorLy-Torch's
-   factorized Tucker/CP/TT convs at the same ratio, timed in the same process right after
-   ours at the same batch; `vs_peer` is ours over the peer's images/s (float32 only: the
-   peer runs float32).
+   factorized Tucker/CP/TT convs at the same ratio, timed right after ours at the same
+   batch, in a process of its own (PyTorch's own process settings); `vs_peer` is ours
+   over the peer's images/s (float32 only: the peer runs float32).
 2. Single layers: forward + backward (gradients of the factors and of the input) of the
    ResNet-50 3x3 shapes (64@56x56, 128@28x28, 256@14x14, 512@7x7, stride 1) at batch
    `--layer-batch` (64), each kind at `--ratio` against the dense conv.
@@ -27,15 +27,19 @@ reported apart; times are medians of `--steps` runs after a warm-up, each run bl
 until ready. Rows go to `--out` as JSON lines naming the device; a table is printed last.
 
 On a CPU the process first opts in to `decomp.reuse_host_memory()` (glibc keeps the
-buffers XLA frees instead of mapping each step's anew), as the `train` CLI does; the peer
-runs in the same process under the same setting. `--host-memory default` leaves glibc's
-defaults, for the before/after figure (`reused_host_memory` in the rows).
+buffers XLA frees instead of mapping each step's anew), as the `train` CLI does; the peer's
+process keeps glibc's defaults. `--host-memory default` leaves glibc's defaults here too,
+for the before/after figure (`reused_host_memory` in the rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -111,22 +115,34 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
     r["vs_dense"] = r["images_per_s"] / dense_ips
     r["meets_target"] = r["kind"] == "dense" or r["vs_dense"] >= 1.0
   if args.peer == "torch":
-    import torch
-
-    from benchmarks import torch_peer
-
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    peer = torch_peer.train_step_rows(kinds, batch_size, args.steps, args.ratio)
+    version, peer = _peer(kinds, batch_size, args.steps, args.ratio)
     for r in rows:
       if r["kind"] in peer:
         ms, first_ms, n = peer[r["kind"]]
-        r["peer"] = f"torch {torch.__version__} eager channels_last" + (
+        r["peer"] = f"torch {version} eager channels_last" + (
           "" if r["kind"] == "dense" else " + tltorch FactorizedConv (factorized)"
         )
         r["peer_images_per_s"] = batch_size / (ms / 1e3)
         r["peer_first_ms"], r["peer_params"] = first_ms, n
         r["vs_peer"] = r["images_per_s"] / r["peer_images_per_s"]
   return rows
+
+
+def _peer(kinds, batch: int, steps: int, ratio: float):
+  """The PyTorch peer's step rows, timed right after ours in a process of its own
+  (`python -m benchmarks.torch_peer`): it runs with PyTorch's own process settings
+  (glibc's malloc defaults), not the ones this process chose for XLA."""
+  cmd = [sys.executable, "-m", "benchmarks.torch_peer", "--kinds", ",".join(kinds)]
+  cmd += ["--batch", str(batch), "--steps", str(steps), "--ratio", str(ratio)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"benchmarks.torch_peer failed:\n{out.stderr[-2000:]}")
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  return got["torch"], {k: tuple(v) for k, v in got["rows"].items()}
 
 
 def _layer(kind, c, ratio, dtype):

@@ -114,3 +114,27 @@ def train_step_rows(kinds, batch: int, steps: int, ratio: float) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     out[kind] = (t["median_ms"], t["first_ms"], n_params)
   return out
+
+
+def main(argv=None) -> None:
+  """`python -m benchmarks.torch_peer --kinds dense,tucker2 --batch 128 --steps 20 --ratio
+  0.25`: `train_step_rows` as one JSON line (with torch's version). `benchmarks.layers`
+  runs the peer this way, in its own process, so that the peer keeps PyTorch's own
+  process settings (glibc's malloc defaults) whatever ours are."""
+  import argparse
+  import json
+
+  import torch
+
+  p = argparse.ArgumentParser()
+  p.add_argument("--kinds", required=True)
+  p.add_argument("--batch", type=int, required=True)
+  p.add_argument("--steps", type=int, required=True)
+  p.add_argument("--ratio", type=float, required=True)
+  a = p.parse_args(argv)
+  rows = train_step_rows(a.kinds.split(","), a.batch, a.steps, a.ratio)
+  print(json.dumps(dict(torch=torch.__version__, rows=rows)))
+
+
+if __name__ == "__main__":
+  main()
