@@ -11,7 +11,9 @@ stopped run. As each seed finishes, its rows go to `benchmarks/results/fidelity-
 machine, date), replacing earlier rows of the same (method, seed). `--set KEY=VALUE`
 and `--arg ARG` (the config's argument: lenet's rate, `steps=N`) change the runs;
 `--methods A,B` runs only those arms of the config (and the teacher), their rows merged
-into the file beside the others' (a subset of the same study, not a change); `--check`
+into the file beside the others' (a subset of the same study, not a change), and with
+`--missing` only those of them that have no row yet for the seed and arg (a study carried
+on on a machine without the earlier workdirs); `--check`
 (a check of the script at a tiny length) writes to `fidelity-<study>-check.json` instead.
 
 The report: mean and sample std over seeds per method, and for each pair of arms that a
@@ -216,18 +218,30 @@ def main(argv=None):
   p.add_argument("--check", action="store_true", help="rows to fidelity-<study>-check.json")
   p.add_argument("--data-dir", default="", help="the data set's folder (config.data_dir)")
   p.add_argument("--methods", default="", help="only these arms (comma list; dense is added)")
+  p.add_argument(
+    "--missing",
+    action="store_true",
+    help="with --methods: skip the arms that already have a row for this seed and arg",
+  )
   p.add_argument("--report-only", action="store_true")
   a = p.parse_args(argv)
-  if a.methods:
-    arms = ["dense"] + [m for m in a.methods.split(",") if m and m != "dense"]
-    only = [f"methods={','.join(arms)}"]
-  else:
-    only = []
+  if a.missing and not a.methods:
+    p.error("--missing goes with --methods (the arms to check)")
   check = a.check or bool(a.set)
   path = _rows_path(a.study, check)
   rows = _load(path)
   if not a.report_only:
     for seed in (int(x) for x in a.seeds.split(",")):
+      only = []
+      if a.methods:
+        arms = [m for m in a.methods.split(",") if m and m != "dense"]
+        if a.missing:
+          done = {r["method"] for r in rows if r["seed"] == seed and r.get("arg", "") == a.arg}
+          arms = [m for m in arms if m not in done]
+          if not arms:
+            print(f"fidelity: {a.study} {a.arg} seed {seed}: every arm has its row", flush=True)
+            continue
+        only = [f"methods={','.join(['dense', *arms])}"]
       new = run_seed(a.study, seed, a.root, a.set + only, a.arg, a.data_dir)
       keys = {(r["method"], r["seed"], r.get("arg", "")) for r in new}
       rows = [r for r in rows if (r["method"], r["seed"], r.get("arg", "")) not in keys] + new

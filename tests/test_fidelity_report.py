@@ -47,3 +47,23 @@ def test_methods_runs_a_subset_and_merges_its_rows(tmp_path, monkeypatch):
   rows = json.loads(path.read_text())
   got = {(r["method"], r["test_accuracy"]) for r in rows}
   assert got == {("tucker2", 0.9), ("dense", 0.93), ("seqkd_mtt", 0.8)}  # replaced, kept
+
+
+def test_missing_runs_only_the_arms_without_a_row(tmp_path, monkeypatch):
+  calls = []
+
+  def run_seed(study, seed, root, overrides, arg="", data_dir=""):
+    calls.append((seed, overrides))
+    return [_row("dense", seed, 0.93, arg), _row("rsdtr", seed, 0.7, arg)]
+
+  path = tmp_path / "rows.json"
+  done = [_row("tucker2", 1, 0.9), _row("rsdtr", 2, 0.6), _row("tucker2", 2, 0.9)]
+  path.write_text(json.dumps(done + [_row("rsdtr", 1, 0.5, arg="0.2")]))  # another rate
+  monkeypatch.setattr(fidelity, "run_seed", run_seed)
+  monkeypatch.setattr(fidelity, "_rows_path", lambda study, check: str(path))
+  monkeypatch.setattr(fidelity, "plot", lambda *a: None)
+  argv = ["--study", "resnet20", "--arg", "0.1", "--seeds", "1,2", "--methods", "tucker2,rsdtr"]
+  fidelity.main([*argv, "--missing"])
+  assert calls == [(1, ["methods=dense,rsdtr"])]  # seed 2 has both rows: not run
+  with pytest.raises(SystemExit):
+    fidelity.main(["--study", "resnet20", "--missing"])  # nothing to check against
