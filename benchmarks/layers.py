@@ -137,8 +137,9 @@ def _peer(kinds, batch: int, steps: int, ratio: float):
   cmd += ["--batch", str(batch), "--steps", str(steps), "--ratio", str(ratio)]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  out = subprocess.run(
+    cmd, cwd=root, env=dict(env, PYTHONPATH=root), capture_output=True, text=True
+  )
   if out.returncode:
     raise SystemExit(f"benchmarks.torch_peer failed:\n{out.stderr[-2000:]}")
   got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -229,7 +230,7 @@ def main(argv=None):
     help="reuse: decomp.reuse_host_memory() first (CPU only); default: glibc's defaults",
   )
   args = p.parse_args(argv)
-  # Before jax starts; the PyTorch peer runs in this process, under the same malloc.
+  # Before jax starts. The PyTorch peer's own process (`_peer`) keeps glibc's defaults.
   args.reused_host_memory = args.host_memory == "reuse" and decomp.reuse_host_memory()
   args.kinds = tuple(k for k in args.kinds.split(",") if k)
   args.forward = tuple(f for f in args.forward.split(",") if f)
