@@ -58,6 +58,36 @@ def timeit(fn, *, repeats: int, warmup: int = 1) -> dict:
   }
 
 
+def timeit_interleaved(fns: dict, *, repeats: int, warmup: int = 1) -> dict:
+  """`timeit` for several functions at once, `{name: timings}`: each is called once (timed
+  apart as `first_ms`) and warmed up, then the timed calls go round-robin, one call of
+  each per round, so that a machine whose speed drifts during the run (a shared VM)
+  slows every function alike and their ratios hold."""
+  first = {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    fn()
+    first[name] = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+      fn()
+  runs = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      runs[name].append(time.perf_counter() - t0)
+  return {
+    name: {
+      "first_ms": 1e3 * first[name],
+      "median_ms": 1e3 * statistics.median(runs[name]),
+      "min_ms": 1e3 * min(runs[name]),
+      "repeats": repeats,
+      "interleaved": len(fns),
+    }
+    for name in fns
+  }
+
+
 def write_jsonl(path: str, rows: list) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "a") as f:

@@ -7,8 +7,11 @@
    CLI runs) of the CIFAR ResNet-32, dense and with every 3x3 conv of its residual blocks
    factorized at `--ratio` (default 0.25) of its weights, for Tucker-2, CP, TT and TR
    (`--kinds`: any `tnn.make_plan` method, the m-forms included), each through the
-   forward paths `--forward` names (`factorized`, the default, and/or `reconstructed`:
-   `tnn.layers.Factorized.forward`);
+   forward paths `--forward` names (`factorized`, the default, `reconstructed`:
+   `tnn.layers.Factorized.forward`, and/or `auto`: each layer the faster of the two,
+   measured in this train step at this batch by `tnn.choose_forward` (`--choose-steps`
+   timed steps per trial; the arm's row is timed afresh after), the rows give how many
+   layers took each path and the seconds the choice took);
    `--dtype` compute (params float32), batch `--batch` (a comma list). Defaults by device:
    on a GPU/TPU bfloat16 at batch 1024, on a CPU float32 at batches 32 and 128.
    images/s = batch / median step time; `vs_dense` is that over the dense images/s of the
@@ -23,8 +26,10 @@
    `--layer-batch` (64), each kind at `--ratio` against the dense conv.
 
 Factors are random (speed does not depend on their values). Compile time (`first_ms`) is
-reported apart; times are medians of `--steps` runs after a warm-up, each run blocked
-until ready. Rows go to `--out` as JSON lines naming the device; a table is printed last.
+reported apart; times are medians of `--steps` runs after a warm-up (the train-step arms
+of a batch compiled first, then timed round-robin, one step of each per round, so that a
+VM whose speed drifts slows them alike), each run blocked until ready. Rows go to `--out`
+as JSON lines naming the device; a table is printed last.
 
 On a CPU the process first opts in to `decomp.reuse_host_memory()` (glibc keeps the
 buffers XLA frees instead of mapping each step's anew), as the `train` CLI does; the peer's
@@ -40,6 +45,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -74,25 +80,39 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
     jnp.asarray(rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)),
     jnp.asarray(rng.integers(0, 10, (batch_size,), dtype=np.int32)),
   )
-  rows = []
   arms = [("dense", None)] + [(k, fw) for k in args.kinds for fw in args.forward]
+  built = []
   for kind, forward in arms:
     if kind == "dense":
       model = dense
     else:
       plan = tnn.make_plan(dense, kind, ratio=args.ratio)
-      model = tnn.factorize_random(dense, plan, nnx.Rngs(1), forward=forward)
-    rep = tnn.report(model, (1, 32, 32, 3))
-    graphdef, state = steps_lib.init_state(model, tx, 0)
-    state = jax.tree.map(jnp.copy, state)
-    step = steps_lib.make_train_step(graphdef, tx, cfg)
-    box = [state]
-
-    def run(step=step, box=box):
-      box[0], metrics = step(box[0], batch)
-      jax.block_until_ready(metrics)
-
-    t = common.timeit(run, repeats=args.steps, warmup=3)
+      model = tnn.factorize_random(
+        dense, plan, nnx.Rngs(1), forward="factorized" if forward == "auto" else forward
+      )
+    extra = {}
+    if forward == "auto":
+      t0 = time.perf_counter()
+      choice, _ = tnn.choose_forward(
+        model,
+        (batch_size, 32, 32, 3),
+        step_time=lambda m: _time_step(m, tx, cfg, batch, args.choose_steps)["median_ms"],
+      )
+      tnn.set_forward(model, choice)
+      extra = dict(
+        choose_s=time.perf_counter() - t0,
+        layers_by_forward={f: list(choice.values()).count(f) for f in tnn.layers.FORWARDS},
+      )
+    built.append(
+      (kind, forward, tnn.report(model, (1, 32, 32, 3)), extra, _step_fn(model, tx, cfg, batch))
+    )
+  # every arm compiled, then timed round-robin (`common.timeit_interleaved`)
+  times = common.timeit_interleaved(
+    {i: b[-1] for i, b in enumerate(built)}, repeats=args.steps, warmup=3
+  )
+  rows = []
+  for i, (kind, forward, rep, extra, _) in enumerate(built):
+    t = times[i]
     rows.append(
       dict(
         bench="train_step",
@@ -107,6 +127,7 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
         images_per_s=batch_size / (t["median_ms"] / 1e3),
         device=device,
         reused_host_memory=args.reused_host_memory,
+        **extra,
         **t,
       )
     )
@@ -127,6 +148,26 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
         r["peer_first_ms"], r["peer_params"] = first_ms, n
         r["vs_peer"] = r["images_per_s"] / r["peer_images_per_s"]
   return rows
+
+
+def _step_fn(model, tx, cfg, batch):
+  """A call of the jitted train step of `model` on `batch`, blocked until ready (the state
+  carried from call to call)."""
+  graphdef, state = steps_lib.init_state(model, tx, 0)
+  state = jax.tree.map(jnp.copy, state)
+  step = steps_lib.make_train_step(graphdef, tx, cfg)
+  box = [state]
+
+  def run():
+    box[0], metrics = step(box[0], batch)
+    jax.block_until_ready(metrics)
+
+  return run
+
+
+def _time_step(model, tx, cfg, batch, steps: int) -> dict:
+  """`common.timeit` of the jitted train step of `model` (`steps` timed calls after 3)."""
+  return common.timeit(_step_fn(model, tx, cfg, batch), repeats=steps, warmup=3)
 
 
 def _peer(kinds, batch: int, steps: int, ratio: float):
@@ -216,11 +257,14 @@ def main(argv=None):
   p.add_argument("--batch", default="", help="comma list (default by device, see above)")
   p.add_argument("--layer-batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--choose-steps", type=int, default=8, help="timed steps per trial of auto")
   p.add_argument("--ratio", type=float, default=0.25)
   p.add_argument("--dtype", default="", choices=("", "bfloat16", "float32"))
   p.add_argument("--peer", default="auto", choices=("auto", "torch", "none"))
   p.add_argument("--kinds", default=",".join(KINDS))
-  p.add_argument("--forward", default="factorized", help="comma list: factorized,reconstructed")
+  p.add_argument(
+    "--forward", default="factorized", help="comma list: factorized,reconstructed,auto"
+  )
   p.add_argument("--only", default="", choices=("", "step", "layer"))
   p.add_argument("--out", default="benchmarks/results/layers.jsonl")
   p.add_argument(
@@ -234,9 +278,9 @@ def main(argv=None):
   args.reused_host_memory = args.host_memory == "reuse" and decomp.reuse_host_memory()
   args.kinds = tuple(k for k in args.kinds.split(",") if k)
   args.forward = tuple(f for f in args.forward.split(",") if f)
-  bad = [f for f in args.forward if f not in tnn.layers.FORWARDS]
+  bad = [f for f in args.forward if f not in (*tnn.layers.FORWARDS, "auto")]
   if bad:
-    p.error(f"--forward: {bad[0]!r}; allowed {tnn.layers.FORWARDS}")
+    p.error(f"--forward: {bad[0]!r}; allowed {(*tnn.layers.FORWARDS, 'auto')}")
   allowed = tuple(m for m, r in tnn.methods.METHODS.items() if r.conv is not None)  # a layer
   for k in args.kinds:
     if k not in allowed:

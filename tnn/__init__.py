@@ -5,12 +5,14 @@ layers), `tnn.models` (the papers' networks), `tnn.methods` (one `Method` record
 in a registry), and the plan API: `make_plan` decides every targeted layer's decomposition
 and static ranks once (`tnn.plan`), `compress` builds the factorized model from it and
 `distort` is the DeepTwist projection of one weight (`tnn.convert`), `report` counts
-parameters and MACs (`tnn.counts`).
+parameters and MACs (`tnn.counts`), `choose_forward` / `set_forward` pick each
+factorized layer's forward path by measurement (`tnn.forward`).
 """
 
 from tnn import layers, methods, models, ops, weights
 from tnn.convert import compress, decompose, distort, factorize_random
 from tnn.counts import report
+from tnn.forward import choose_forward, set_forward
 from tnn.methods import LayerPlan, Method, register_method
 from tnn.plan import Plan, check_plan, layer_paths, make_plan, plan_params
 from tnn.serving import export, load_exported
@@ -30,6 +32,7 @@ __all__ = [
   "Method",
   "Plan",
   "check_plan",
+  "choose_forward",
   "compress",
   "decompose",
   "distort",
@@ -45,5 +48,6 @@ __all__ = [
   "plan_params",
   "register_method",
   "report",
+  "set_forward",
   "weights",
 ]
