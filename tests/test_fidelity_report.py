@@ -67,3 +67,15 @@ def test_missing_runs_only_the_arms_without_a_row(tmp_path, monkeypatch):
   assert calls == [(1, ["methods=dense,rsdtr"])]  # seed 2 has both rows: not run
   with pytest.raises(SystemExit):
     fidelity.main(["--study", "resnet20", "--missing"])  # nothing to check against
+
+
+def test_the_longer_resnet20_runs_get_their_own_verdicts():
+  long = "0.1,steps=2400"
+  rows = [_row("deeptwist_tucker2", 0, 0.9, long), _row("tucker2", 0, 0.8, long)]
+  rows += [_row("deeptwist_tucker2", s, 0.5, "0.1") for s in range(2)]
+  rows += [_row("tucker2", s, 0.6 + s / 100, "0.1") for s in range(2)]
+  vs = {v["a"]: v for v in fidelity.verdicts("resnet20", fidelity.summary(rows))}
+  assert set(vs) == {"deeptwist_tucker2@0.1", f"deeptwist_tucker2@{long}"}
+  assert vs[f"deeptwist_tucker2@{long}"]["difference"] == pytest.approx(0.1)
+  assert vs[f"deeptwist_tucker2@{long}"]["verdict"] == "inconclusive (one seed)"
+  assert vs["deeptwist_tucker2@0.1"]["verdict"].startswith("not reproduced")
