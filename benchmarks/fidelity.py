@@ -192,20 +192,28 @@ def plot(study: str, s: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(8, 4))
   teacher = next((v for k, v in s.items() if k.split("@")[0] == "dense"), None)
-  for m, v in sorted(s.items()):
-    if m.split("@")[0] == "dense" or "steps=" in m:  # other lengths: the table, not the plot
-      continue
+  # other lengths (`steps=` in the arg): the table, not the plot
+  arms = [m for m in sorted(s) if m.split("@")[0] != "dense" and "steps=" not in m]
+  colours = plt.get_cmap("tab20")  # 20 distinct colours, a marker cycle beside them
+  for i, m in enumerate(arms):
+    v = s[m]
     ax.errorbar(
-      100 * v["conv_ratio"], 100 * v["mean"], yerr=100 * v["std"], fmt="o", capsize=3, label=m
+      100 * v["conv_ratio"],
+      100 * v["mean"],
+      yerr=100 * v["std"],
+      fmt="os^vD<>"[i % 7],
+      color=colours(i % 20),
+      capsize=3,
+      label=m,
     )
   if teacher:
     ax.axhline(100 * teacher["mean"], color="k", lw=1, ls="--", label="teacher (dense)")
   ax.set_xlabel("conv parameters kept (%)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(f"fidelity study: {study}")
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the points
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
