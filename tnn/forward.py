@@ -108,18 +108,18 @@ def choose_forward(
   if not 0 <= margin < 1:
     raise ValueError(f"margin must be in [0, 1), got {margin!r}.")
   shapes = _input_shapes(model, input_shape)
+  layers = layer_paths(model)
   groups: dict = {}
-  for path, m in layer_paths(model).items():
+  for path, m in layers.items():
     if isinstance(m, L.Factorized):
       groups.setdefault(_key(m, shapes[path]), []).append(path)
   if step_time is not None:
-    return _by_step(model, groups, step_time, margin)
+    return _by_step(model, layers, groups, step_time, margin)
   if measure is None:
 
     def measure(layer, in_shape, forward):
       return time_layer(layer, in_shape, forward, reps=reps, dtype=dtype)
 
-  layers = layer_paths(model)
   choice, times = {}, {}
   for paths in groups.values():
     t = {fw: measure(layers[paths[0]], shapes[paths[0]], fw) for fw in L.FORWARDS}
@@ -129,8 +129,7 @@ def choose_forward(
   return choice, times
 
 
-def _by_step(model, groups: dict, step_time, margin: float) -> tuple[dict, dict]:
-  layers = layer_paths(model)
+def _by_step(model, layers: dict, groups: dict, step_time, margin: float) -> tuple[dict, dict]:
   before = {p: layers[p].forward for paths in groups.values() for p in paths}
   choice = {p: "factorized" for p in before}
   times = {}
