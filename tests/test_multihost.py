@@ -101,3 +101,52 @@ def test_two_processes_train_like_one_with_two_devices(tmp_path):
 
 def _pipes():
   return dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+FORWARD_SCRIPT = """
+import sys, jax
+jax.config.update("jax_numpy_dtype_promotion", "standard")
+rank, port = int(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, {repo!r})
+from train import run, data, trainer
+import tnn
+from tests.test_train import _config
+run.initialize_distributed(
+  coordinator_address=f"localhost:{{port}}", num_processes=2, process_id=rank
+)
+paths = ["a", "b"]
+mine = {{"choice": {{"a": "reconstructed", "b": "factorized"}}}} if rank == 0 else None
+theirs = None if rank == 0 else {{"choice": {{"a": "factorized", "b": "factorized"}}}}
+print("FROM0", rank, run._from_process_0(mine, paths)["choice"], run._from_process_0(theirs, paths))
+ds = data.synthetic()
+c = _config(("dense",))
+model = run.build_model(c, ds)
+student = tnn.compress(model, tnn.make_plan(model, "tr", ratio=0.3))
+t = trainer.step_seconds(
+  student, ds, cfg=run.step_config(c, ds), opt=dict(c.dense.opt), steps=4, batch_size=32,
+  seed=0, timed=2,
+)
+print("SECONDS", rank, repr(t))
+"""
+
+
+def test_two_processes_make_process_0_s_forward_choice(tmp_path):
+  """`forward="auto"` under `jax.distributed`: every process takes process 0's stored
+  choice (or none), and the step time each trial is judged by is process 0's, so that the
+  processes keep running the same programs."""
+  script = tmp_path / "job.py"
+  script.write_text(FORWARD_SCRIPT.format(repo=REPO))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  port = str(_free_port())
+  procs = [
+    subprocess.Popen([sys.executable, str(script), str(i), port], env=env, **_pipes())
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  want = "{'a': 'reconstructed', 'b': 'factorized'} None"
+  for i, (out, _) in enumerate(outs):
+    assert f"FROM0 {i} {want}" in out
+  secs = [next(x.split()[2] for x in o.splitlines() if x.startswith("SECONDS")) for o, _ in outs]
+  assert secs[0] == secs[1] and 0 < float(secs[0]) < 60  # process 0's figure on both

@@ -377,6 +377,7 @@ def test_data_parallel_over_two_devices():
     (lambda c: setattr(c.deeptwist, "bn_batches", -1), "bn_batches must be >= 0"),
     (lambda c: setattr(c.deeptwist, "sd_max", -1), "sd_max must be >= 0"),
     (lambda c: setattr(c.deeptwist, "forward", "fast"), "deeptwist.forward: 'fast'; allowed"),
+    (lambda c: setattr(c.deeptwist, "choose_steps", 0), "deeptwist.choose_steps must be >= 1"),
     (lambda c: setattr(c, "model", "alexnet"), "unknown 'alexnet'"),
     (lambda c: setattr(c, "batch_size", 33), "does not divide"),
   ],

@@ -29,7 +29,9 @@ weights (`bn_batches` batches; 0 keeps them) before conversion. For the methods 
 start from a decomposition (`finetune`, `seqkd`, `e2ekd`), `bn_batches` recomputes them
 right after it, before any training. Their sections' `forward` ("factorized", the
 default, or "reconstructed"; `scratch` too) picks the factorized layers' path: the same
-function and gradients, a training-speed choice only (`tnn.layers.Factorized`).
+function and gradients, a training-speed choice only (`tnn.layers.Factorized`). "auto"
+measures it in each phase's own train step (`tnn.choose_forward`; `choose_steps` timed
+steps per trial) and keeps the choice in `workdir/<phase>/forward.json` for resumes.
 
 `config.init_from` starts the dense net from a file (a kept teacher `.npz`, or PyTorch
 weights of a ResNet: `train.teacher.init_from`); `dense.steps` then trains it further
@@ -54,6 +56,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import tnn
@@ -65,6 +68,9 @@ from train import trainer
 from train import workdir as workdir_lib
 
 SD_RULES = ("", "quadratic")
+FORWARDS = (*tnn.layers.FORWARDS, "auto")
+"""A method section's `forward`: a `tnn.layers.FORWARDS` path for every factorized layer,
+or "auto", each phase's choice measured in its own train step (`Context.choose_forward`)."""
 
 
 def initialize_distributed(**kwargs) -> None:
@@ -110,8 +116,10 @@ def validate(config) -> None:
         raise ValueError(f"config.{m}.sd_recover must be in (0, 1), got {sub.sd_recover}.")
       if sub.get("sd_max", 0) < 0:
         raise ValueError(f"config.{m}.sd_max must be >= 0 (0: no cap), got {sub.sd_max}.")
-    if sub is not None and _forward(sub) not in tnn.layers.FORWARDS:
-      raise ValueError(f"config.{m}.forward: {sub.forward!r}; allowed {tnn.layers.FORWARDS}.")
+    if sub is not None and sub.get("forward", "") not in ("", *FORWARDS):
+      raise ValueError(f"config.{m}.forward: {sub.forward!r}; allowed {FORWARDS}.")
+    if sub is not None and sub.get("choose_steps", 5) < 1:
+      raise ValueError(f"config.{m}.choose_steps must be >= 1, got {sub.choose_steps}.")
     if sub is not None and sub.get("bn_batches", 0) < 0:
       raise ValueError(f"config.{m}.bn_batches must be >= 0, got {sub.bn_batches}.")
   if config.model not in tnn.models.MODELS:
@@ -250,11 +258,7 @@ class Context:
     """Trains `model` as phase `name` of the method whose config section is `c`."""
     config = self.config
     before = trainer.phase_seconds(self.workdir, name)
-    out = trainer.run_phase(
-      name,
-      self.workdir,
-      model,
-      self.ds,
+    step = dict(
       cfg=cfg or self.step_cfg(),
       loss=loss or steps_lib.CrossEntropy(),
       teacher=teacher,
@@ -262,6 +266,15 @@ class Context:
       steps=c.get("steps", 0) if steps is None else steps,
       batch_size=config.batch_size,
       seed=config.seed,
+    )
+    if c.get("forward") == "auto":
+      self.choose_forward(name, model, c, step)
+    out = trainer.run_phase(
+      name,
+      self.workdir,
+      model,
+      self.ds,
+      **step,
       evaluate=self._subset_accuracy,
       eval_every=config.get("eval_every", 0),
       checkpoint_every=config.checkpoint_every,
@@ -274,6 +287,51 @@ class Context:
     self.train_s += after
     self.train_s_now += after - before
     return out
+
+  def choose_forward(self, name, model, c, step: dict) -> None:
+    """Sets the paths of `model`'s factorized layers for phase `name` (section `forward=
+    "auto"`): `tnn.choose_forward` with this phase's own train step as the measure
+    (`trainer.step_seconds`, `choose_steps` timed steps per trial), chosen once and kept
+    in `workdir/<name>/forward.json`, so that a resumed phase runs the programs it ran
+    before. A finished phase is not measured (it trains no more). The choice changes the
+    speed only: the paths compute the same function (`tnn.layers.Factorized`)."""
+    paths = sorted(
+      p for p, m in tnn.plan.layer_paths(model).items() if isinstance(m, tnn.layers.Factorized)
+    )
+    if not paths:
+      return
+    file = os.path.join(self.workdir, name, "forward.json")
+    stored = _read_forward(file, paths)
+    if jax.process_count() > 1:  # every process runs process 0's choice (the same programs)
+      stored = _from_process_0(stored, paths)
+    if stored is None:
+      on_disk = ckpt_lib.steps_on_disk(os.path.join(self.workdir, name))
+      if on_disk and on_disk[0] >= step["steps"]:
+        return
+      t0 = time.time()
+      x = self.ds.train.image_shape
+      size = (self.config.pad_to,) * 2 if self.config.get("pad_to") else x[:2]
+      choice, times = tnn.choose_forward(
+        model,
+        (self.config.batch_size, *size, x[2]),
+        step_time=lambda m: trainer.step_seconds(
+          m, self.ds, **step, timed=c.get("choose_steps", 5)
+        ),
+      )
+      stored = dict(choice=choice, step_seconds=times, choose_s=round(time.time() - t0, 1))
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        tmp = f"{file}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+          json.dump(stored, f, indent=1)
+        os.replace(tmp, file)
+      n = sum(v == "reconstructed" for v in choice.values())
+      print(
+        f"[{name}] forward: {n} of {len(choice)} layers through the rebuilt kernel "
+        f"({stored['choose_s']} s to choose)",
+        flush=True,
+      )
+    tnn.set_forward(model, stored["choice"])
 
   def recompute_bn(self, model, c):
     """`model` with BatchNorm statistics recomputed over `c.bn_batches` training batches."""
@@ -317,8 +375,45 @@ def _run_fingerprint(config) -> dict:
 
 
 def _forward(c) -> str:
-  """Section `c`'s factorized-layer path (`tnn.layers.FORWARDS`; unset: "factorized")."""
-  return c.get("forward") or "factorized"
+  """Section `c`'s factorized-layer path to build with (`tnn.layers.FORWARDS`; unset, and
+  "auto" until its phase chooses: "factorized")."""
+  fw = c.get("forward") or "factorized"
+  return "factorized" if fw == "auto" else fw
+
+
+def _from_process_0(stored: dict | None, paths: list) -> dict | None:
+  """Process 0's stored choice (None where it has none), sent to every process."""
+  from jax.experimental import multihost_utils
+
+  code = [-1] if stored is None else [tnn.layers.FORWARDS.index(stored["choice"][p]) for p in paths]
+  code = np.asarray(code + [-1] * (len(paths) - len(code)), np.int32)
+  code = np.asarray(multihost_utils.broadcast_one_to_all(code))
+  if code[0] < 0:
+    return None
+  return dict(
+    stored or {}, choice={p: tnn.layers.FORWARDS[int(i)] for p, i in zip(paths, code, strict=True)}
+  )
+
+
+def _read_forward(file: str, paths: list) -> dict | None:
+  """The stored forward choice of a phase (None: no file). A file that does not parse, or
+  whose choice does not cover exactly the model's factorized layers with known paths, is
+  refused, naming the file."""
+  if not os.path.exists(file):
+    return None
+  try:
+    with open(file) as f:
+      stored = json.load(f)
+    choice = stored["choice"]
+    ok = sorted(choice) == paths and all(v in tnn.layers.FORWARDS for v in choice.values())
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    ok, choice = False, e
+  if not ok:
+    raise ValueError(
+      f"{file}: not a forward choice for this phase's factorized layers ({choice!r:.120}); "
+      "delete it to choose again (the paths compute the same function)."
+    )
+  return stored
 
 
 def _distillation(c) -> steps_lib.Distillation:

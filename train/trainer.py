@@ -388,14 +388,7 @@ def run_phase(
     if diff:
       print(f"[{name}] resumed under changed settings (resume=force): {'; '.join(diff)}")
   state = jax.device_put(state, replicated)
-  mask = None
-  if loss.block is not None:
-    mask = steps_lib.block_mask(state.params, loss.block)
-  step_fn = steps_lib.make_train_step(graphdef, tx, cfg, mask, loss=loss)
-  t_args = None
-  if teacher is not None:
-    tg, tp, tr = steps_lib.split_model(teacher)
-    t_args = (tg, jax.device_put(tp, replicated), jax.device_put(tr, replicated))
+  step_fn, t_args = _phase_step(graphdef, state, tx, cfg, loss, teacher, replicated)
   logger = Logger(os.path.join(workdir, "metrics.jsonl"), name, steps)
   n = dataset.train.num_examples
   start = int(state.step)
@@ -455,6 +448,70 @@ def run_phase(
     reader.shutdown(cancel_futures=True)
     logger.close()
   return nnx.merge(graphdef, state.params, state.rest)
+
+
+def _phase_step(graphdef, state, tx, cfg, loss, teacher, replicated):
+  """The phase's jitted train step and the teacher's arguments (None without one): the
+  loss's block mask applied, the teacher's arrays placed like the state."""
+  mask = None
+  if loss.block is not None:
+    mask = steps_lib.block_mask(state.params, loss.block)
+  step_fn = steps_lib.make_train_step(graphdef, tx, cfg, mask, loss=loss)
+  t_args = None
+  if teacher is not None:
+    tg, tp, tr = steps_lib.split_model(teacher)
+    t_args = (tg, jax.device_put(tp, replicated), jax.device_put(tr, replicated))
+  return step_fn, t_args
+
+
+def step_seconds(
+  model: nnx.Module,
+  dataset: data_lib.Dataset,
+  *,
+  cfg: steps_lib.StepConfig,
+  opt: dict,
+  steps: int,
+  batch_size: int,
+  seed: int,
+  loss=None,
+  teacher: nnx.Module | None = None,
+  timed: int = 5,
+  warmup: int = 2,
+) -> float:
+  """Median seconds of one step of the phase `run_phase` would train with these
+  arguments (its optimizer, loss, block mask, teacher and batch sharding), on the phase's
+  first batch, the state carried from step to step; the compile and `warmup` steps are
+  not counted. Nothing is saved and `model` is not changed. For
+  `tnn.choose_forward(step_time=...)`; under `jax.distributed` the figure is process 0's,
+  so that every process makes the same choice (they run the same programs in turn)."""
+  if not isinstance(timed, int) or timed < 1:
+    raise ValueError(f"timed must be a positive int, got {timed!r}; allowed range [1, ...].")
+  loss = loss or steps_lib.CrossEntropy()
+  tx, _ = make_optimizer(opt, steps)
+  graphdef, state = steps_lib.init_state(model, tx, seed)
+  m = mesh()
+  replicated, sharded = NamedSharding(m, P()), NamedSharding(m, P("data"))
+  state = jax.device_put(jax.tree.map(jnp.copy, state), replicated)
+  step_fn, t_args = _phase_step(graphdef, state, tx, cfg, loss, teacher, replicated)
+  idx = data_lib.batch_indices(dataset.train.num_examples, batch_size, seed, 0)
+  rows, images, labels = read_local(dataset.train, idx, sharded, (seed, 0))
+  batch = (
+    global_batch(batch_size, rows, images, sharded),
+    global_batch(batch_size, rows, labels, sharded),
+  )
+  args = (t_args,) if t_args else ()
+  ts = []
+  for _ in range(1 + warmup + timed):
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch, *args)
+    jax.block_until_ready((state, metrics))
+    ts.append(time.perf_counter() - t0)
+  t = float(np.median(ts[1 + warmup :]))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    t = float(multihost_utils.broadcast_one_to_all(np.float64(t)))
+  return t
 
 
 def phase_seconds(workdir: str, name: str) -> float:
