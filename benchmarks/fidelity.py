@@ -44,6 +44,7 @@ RESNET20_ARGS = ("0.1", "0.2")
 # The same study 4x longer (`--arg 0.1,steps=2400`): does length close the gap to the
 # teacher? Its rows sit beside the others, under their own arg; the plot leaves them out.
 RESNET20_LONGER = ("0.1,steps=2400",)
+CNN_LONGER = ("steps=2560",)  # the CNN study 4x longer (`--arg steps=2560`)
 
 # (claim, arm that should win, arm it is compared with)
 CLAIMS = {
@@ -67,6 +68,15 @@ CLAIMS = {
       "tucker2",
     ),
     ("DeepTwist beats decomposed training at equal ranks (lowered SVD)", "deeptwist_svd", "svd"),
+  ]
+  + [
+    (
+      f"DeepTwist beats decomposed training at equal ranks ({d}, {r})",
+      f"deeptwist_{s}@{r}",
+      f"{s}@{r}",
+    )
+    for r in CNN_LONGER
+    for s, d in (("tucker2", "Tucker-2"), ("svd", "lowered SVD"))
   ],
   "lenet": [
     (

@@ -79,3 +79,14 @@ def test_the_longer_resnet20_runs_get_their_own_verdicts():
   assert vs[f"deeptwist_tucker2@{long}"]["difference"] == pytest.approx(0.1)
   assert vs[f"deeptwist_tucker2@{long}"]["verdict"] == "inconclusive (one seed)"
   assert vs["deeptwist_tucker2@0.1"]["verdict"].startswith("not reproduced")
+
+
+def test_the_longer_cnn_runs_get_their_own_verdicts():
+  long = fidelity.CNN_LONGER[0]
+  rows = [_row("deeptwist_tucker2", 0, 0.9, long), _row("tucker2", 0, 0.8, long)]
+  rows += [_row("deeptwist_tucker2", s, 0.5, "") for s in range(2)]
+  rows += [_row("tucker2", s, 0.6 + s / 100, "") for s in range(2)]
+  vs = {v["a"]: v for v in fidelity.verdicts("cnn", fidelity.summary(rows))}
+  assert set(vs) == {"deeptwist_tucker2", f"deeptwist_tucker2@{long}"}
+  assert vs[f"deeptwist_tucker2@{long}"]["difference"] == pytest.approx(0.1)
+  assert vs["deeptwist_tucker2"]["verdict"].startswith("not reproduced")
