@@ -230,6 +230,8 @@ def test_foreseeable_cli_errors_are_one_line_and_exit_2(finished, tmp_path):
   work = tmp_path / "w"
   proc = _cli(finished, work, "--config.methd=x")
   _one_clear_line(proc, "unknown config key 'methd'", 'Did you mean "methods"')
+  proc = _cli(finished, work, "--config.dense.stepz=1")  # a section's key: its full name
+  _one_clear_line(proc, "unknown config key 'dense.stepz'", "--show")
   proc = _cli(finished, work, "--config.batch_size=abc")
   _one_clear_line(proc, "batch_size")
   proc = _cli(finished, work, "--config.dataset=fashion_mnist", f"--config.data_dir={tmp_path}")

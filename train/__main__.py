@@ -113,9 +113,14 @@ def entry(argv=None) -> None:
     # ml_collections raises these while loading the config file or applying an override.
     msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     msg = msg.replace("\\n", " ").replace("\\'", "'")
-    key = re.match(r"^'*(\w+)'* *(Did you mean.*)?$", msg.strip())
+    key = re.match(r"^'*(\w+)'* *(Did you mean.*)?$", msg.strip().strip('"'))
     if key:  # ml_collections' KeyError for an unknown key, as the repr of a repr
-      msg = f"unknown config key {key.group(1)!r}. {key.group(2) or ''}"
+      name = key.group(1)
+      given = [a.split("=", 1)[0][2:] for a in argv if re.match(rf"--config\.(\w+\.)*{name}=", a)]
+      where = (
+        f" (in --{given[0]}); the keys are the config file's, see them with --show" if given else ""
+      )
+      msg = f"unknown config key {(given[0][7:] if given else name)!r}{where}. {key.group(2) or ''}"
     _fail(" ".join(msg.strip("'\"").split()))
   if show:
     print(_CONFIG.value)
