@@ -105,9 +105,13 @@ def reuse_host_memory() -> bool:
   the `train` CLI, the benchmarks, the test suite. It does nothing where the C library
   is not glibc, where `GLIBC_TUNABLES` already sets malloc tunables (the user's choice),
   where a GPU or TPU jax plugin may start (device memory has its own allocator there), or
-  where jax has started (with a warning). Returns whether the settings are in effect."""
+  where jax has started (with a warning), unless an earlier call put them in effect. Returns
+  whether the settings are in effect."""
+  global _REUSING
   import ctypes
 
+  if _REUSING:  # already in effect in this process (a second entry point calling it)
+    return True
   if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or _accelerator_jax():
     return False
   try:
@@ -125,7 +129,11 @@ def reuse_host_memory() -> bool:
     )
     return False
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREE))
-  return all(mallopt(param, value) == 1 for param, value in settings)
+  _REUSING = all(mallopt(param, value) == 1 for param, value in settings)
+  return _REUSING
+
+
+_REUSING = False  # whether `reuse_host_memory` put its settings in effect in this process
 
 
 FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}

@@ -133,6 +133,7 @@ def test_reusing_host_memory_stops_the_per_call_page_faults_of_large_buffers():
 
 
 def test_reusing_host_memory_leaves_the_users_tunables_and_accelerators_alone(monkeypatch):
+  monkeypatch.setattr(_xla_cpu, "_REUSING", False)  # as in a process that has not opted in
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
   assert not _xla_cpu.reuse_host_memory()
   monkeypatch.delenv("GLIBC_TUNABLES")
@@ -142,10 +143,19 @@ def test_reusing_host_memory_leaves_the_users_tunables_and_accelerators_alone(mo
   assert not _xla_cpu.reuse_host_memory()
 
 
-def test_reusing_host_memory_after_jax_started_warns_and_does_nothing():
+def test_reusing_host_memory_after_jax_started_warns_and_does_nothing(monkeypatch):
+  import warnings
+
   import jax.numpy as jnp
   import pytest
 
   jnp.zeros(1).block_until_ready()
+  monkeypatch.setattr(_xla_cpu, "_REUSING", False)
   with pytest.warns(RuntimeWarning, match="jax already started"):
     assert not _xla_cpu.reuse_host_memory()
+  # A process that opted in before jax started (a second entry point calling it again):
+  # the settings hold, and nothing is said.
+  monkeypatch.setattr(_xla_cpu, "_REUSING", True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert _xla_cpu.reuse_host_memory()

@@ -464,7 +464,7 @@ def _phase_step(graphdef, state, tx, cfg, loss, teacher, replicated):
   return step_fn, t_args
 
 
-def step_seconds(
+def phase_step_runner(
   model: nnx.Module,
   dataset: data_lib.Dataset,
   *,
@@ -475,17 +475,11 @@ def step_seconds(
   seed: int,
   loss=None,
   teacher: nnx.Module | None = None,
-  timed: int = 5,
-  warmup: int = 2,
-) -> float:
-  """Median seconds of one step of the phase `run_phase` would train with these
-  arguments (its optimizer, loss, block mask, teacher and batch sharding), on the phase's
-  first batch, the state carried from step to step; the compile and `warmup` steps are
-  not counted. Nothing is saved and `model` is not changed. For
-  `tnn.choose_forward(step_time=...)`; under `jax.distributed` the figure is process 0's,
-  so that every process makes the same choice (they run the same programs in turn)."""
-  if not isinstance(timed, int) or timed < 1:
-    raise ValueError(f"timed must be a positive int, got {timed!r}; allowed range [1, ...].")
+) -> Callable[[], None]:
+  """A callable that takes one step of the phase `run_phase` would train with these
+  arguments (its optimizer, loss, block mask, teacher and batch sharding) on the phase's
+  first batch, blocked until ready, the state carried from call to call (the first call
+  compiles). Nothing is saved and `model` is not changed."""
   loss = loss or steps_lib.CrossEntropy()
   tx, _ = make_optimizer(opt, steps)
   graphdef, state = steps_lib.init_state(model, tx, seed)
@@ -500,11 +494,29 @@ def step_seconds(
     global_batch(batch_size, rows, labels, sharded),
   )
   args = (t_args,) if t_args else ()
+  box = [state]
+
+  def run():
+    box[0], metrics = step_fn(box[0], batch, *args)
+    jax.block_until_ready((box[0], metrics))
+
+  return run
+
+
+def step_seconds(
+  model: nnx.Module, dataset: data_lib.Dataset, *, timed: int = 5, warmup: int = 2, **step
+) -> float:
+  """Median seconds of one step of `phase_step_runner(model, dataset, **step)` (the
+  compile and `warmup` steps not counted). For `tnn.choose_forward(step_time=...)`; under
+  `jax.distributed` the figure is process 0's, so that every process makes the same
+  choice (they run the same programs in turn)."""
+  if not isinstance(timed, int) or timed < 1:
+    raise ValueError(f"timed must be a positive int, got {timed!r}; allowed range [1, ...].")
+  run = phase_step_runner(model, dataset, **step)
   ts = []
   for _ in range(1 + warmup + timed):
     t0 = time.perf_counter()
-    state, metrics = step_fn(state, batch, *args)
-    jax.block_until_ready((state, metrics))
+    run()
     ts.append(time.perf_counter() - t0)
   t = float(np.median(ts[1 + warmup :]))
   if jax.process_count() > 1:
