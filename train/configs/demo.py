@@ -14,11 +14,10 @@ distortion every 40, BatchNorm recomputed after the last), RSDTR fine-tuning (TR
 eps 0.9 with the storage-minimal circular shift and rank split, as Gabor & Zdunek choose
 the TR format, 11% of the conv weights, 1024 steps), and TNN Seq-KD (TT layers at 10%, 200
 steps per block with Adam at 1e-3 as the TNN authors train, then 1200 of end-to-end
-distillation). The lengths are the longest that keep the run near 7.5 minutes on a 2-core
+distillation). The lengths are the longest that keep the run near 7 minutes on a 2-core
 CPU (length is what brings the compressed nets closest to the teacher here: the README's
-demo section). RSDTR's eps search replaces TR ranks at a uniform 10% with shift 0: at
-its equal-size length it is the better TR net (the fidelity study's `rsdtr` arm, and the
-README's demo table).
+demo section). RSDTR's eps search replaces TR ranks at a uniform 10% with shift 0
+(0.8816 at 720 steps; the README's demo table).
 The decomposed nets' BatchNorm statistics are recomputed before training (`bn_batches`;
 `nobn` in ARG turns that off, for the before/after figure in the README). The m-forms
 (mTT...) run their spatial conv once per output channel, many more MACs than TT at equal
