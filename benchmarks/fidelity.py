@@ -45,6 +45,8 @@ RESNET20_ARGS = ("0.1", "0.2")
 # teacher? Its rows sit beside the others, under their own arg; the plot leaves them out.
 RESNET20_LONGER = ("0.1,steps=2400",)
 CNN_LONGER = ("steps=2560",)  # the CNN study 4x longer (`--arg steps=2560`)
+# LeNet-5's leading arms 4x longer (16 epochs; `--arg 0.05,epochs=16`, `0.2,epochs=16`)
+LENET_LONGER = ("0.05,epochs=16", "0.2,epochs=16")
 
 # (claim, arm that should win, arm it is compared with)
 CLAIMS = {
@@ -88,7 +90,18 @@ CLAIMS = {
     for m, p in (("mcp", "cp"), ("mtk", "tucker2"), ("mtt", "tt"))
   ]
   + [
-    ("TNN: Seq-KD beats E2E-KD at the lowest rate (mcp)", "seqkd_mcp@0.05", "e2ekd_mcp@0.05"),
+    (
+      f"TNN: the m-form beats the plain form at rate {r} (mcp vs cp)",
+      f"seqkd_mcp@{r}",
+      f"seqkd_cp@{r}",
+    )
+    for r in LENET_LONGER
+  ]
+  + [
+    (f"TNN: Seq-KD beats E2E-KD at the lowest rate (mcp{w})", f"seqkd_mcp@{r}", f"e2ekd_mcp@{r}")
+    for r, w in (("0.05", ""), (LENET_LONGER[0], ", 16 epochs"))
+  ]
+  + [
     (
       "TNN: Seq-KD beats training the same TNN from scratch (mcp)",
       "seqkd_mcp@0.05",
@@ -204,8 +217,10 @@ def plot(study: str, s: dict, path: str) -> None:
 
   fig, ax = plt.subplots(figsize=(8, 4))
   teacher = next((v for k, v in s.items() if k.split("@")[0] == "dense"), None)
-  # other lengths (`steps=` in the arg): the table, not the plot
-  arms = [m for m in sorted(s) if m.split("@")[0] != "dense" and "steps=" not in m]
+  # other lengths (`steps=`, `epochs=` in the arg): the table, not the plot
+  arms = [
+    m for m in sorted(s) if m.split("@")[0] != "dense" and not ("steps=" in m or "epochs=" in m)
+  ]
   colours = plt.get_cmap("tab20")  # 20 distinct colours, a marker cycle beside them
   for i, m in enumerate(arms):
     v = s[m]

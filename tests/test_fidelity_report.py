@@ -90,3 +90,14 @@ def test_the_longer_cnn_runs_get_their_own_verdicts():
   assert set(vs) == {"deeptwist_tucker2", f"deeptwist_tucker2@{long}"}
   assert vs[f"deeptwist_tucker2@{long}"]["difference"] == pytest.approx(0.1)
   assert vs["deeptwist_tucker2"]["verdict"].startswith("not reproduced")
+
+
+def test_the_longer_lenet_runs_get_their_own_verdicts():
+  long = "0.05,epochs=16"
+  rows = [_row("seqkd_mcp", s, 0.86 + s / 1000, long) for s in range(3)]
+  rows += [_row("e2ekd_mcp", s, 0.88 + s / 1000, long) for s in range(3)]
+  rows += [_row("seqkd_mcp", s, 0.85 + s / 1000, "0.05") for s in range(3)]
+  vs = {(v["a"], v["b"]): v for v in fidelity.verdicts("lenet", fidelity.summary(rows))}
+  assert set(vs) == {(f"seqkd_mcp@{long}", f"e2ekd_mcp@{long}")}  # the 4-epoch arm has no pair
+  assert vs[f"seqkd_mcp@{long}", f"e2ekd_mcp@{long}"]["difference"] == pytest.approx(-0.02)
+  assert vs[f"seqkd_mcp@{long}", f"e2ekd_mcp@{long}"]["verdict"].startswith("not reproduced")
