@@ -86,16 +86,8 @@ CLAIMS = {
       f"seqkd_{m}@{r}",
       f"seqkd_{p}@{r}",
     )
-    for r in ("0.05", "0.1", "0.2")
+    for r in ("0.05", "0.1", "0.2", *LENET_LONGER)  # the longer runs have mCP and CP only
     for m, p in (("mcp", "cp"), ("mtk", "tucker2"), ("mtt", "tt"))
-  ]
-  + [
-    (
-      f"TNN: the m-form beats the plain form at rate {r} (mcp vs cp)",
-      f"seqkd_mcp@{r}",
-      f"seqkd_cp@{r}",
-    )
-    for r in LENET_LONGER
   ]
   + [
     (f"TNN: Seq-KD beats E2E-KD at the lowest rate (mcp{w})", f"seqkd_mcp@{r}", f"e2ekd_mcp@{r}")
@@ -218,9 +210,8 @@ def plot(study: str, s: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 4))
   teacher = next((v for k, v in s.items() if k.split("@")[0] == "dense"), None)
   # other lengths (`steps=`, `epochs=` in the arg): the table, not the plot
-  arms = [
-    m for m in sorted(s) if m.split("@")[0] != "dense" and not ("steps=" in m or "epochs=" in m)
-  ]
+  longer = ("steps=", "epochs=")
+  arms = [m for m in sorted(s) if m.split("@")[0] != "dense" and not any(k in m for k in longer)]
   colours = plt.get_cmap("tab20")  # 20 distinct colours, a marker cycle beside them
   for i, m in enumerate(arms):
     v = s[m]
