@@ -156,6 +156,8 @@ def run_seed(
         test_accuracy=r["test_accuracy"],
         steps=r.get("steps", sec.get("steps")),
         wall_s=r["wall_s"],
+        # the CPU convolutions (`config.cpu_conv`); rows without it ran XLA's
+        cpu_conv=config.get("cpu_conv", "xla"),
         extra={k: v for k, v in r.items() if k.startswith(("accuracy_", "sd"))},
         command=shown,
         machine=common.device_name(),

@@ -40,6 +40,7 @@ for the before/after figure (`reused_host_memory` in the rows).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -80,9 +81,14 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
     jnp.asarray(rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)),
     jnp.asarray(rng.integers(0, 10, (batch_size,), dtype=np.int32)),
   )
-  arms = [("dense", None)] + [(k, fw) for k in args.kinds for fw in args.forward]
-  built = []
-  for kind, forward in arms:
+  arms = [
+    (kind, fw, conv)
+    for conv in args.cpu_conv
+    for kind, fw in [("dense", None)] + [(k, fw) for k in args.kinds for fw in args.forward]
+  ]
+  base_cfg, built = cfg, []
+  for kind, forward, conv in arms:
+    cfg = dataclasses.replace(base_cfg, cpu_conv=conv)
     if kind == "dense":
       model = dense
     else:
@@ -96,7 +102,7 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
       choice, _ = tnn.choose_forward(
         model,
         (batch_size, 32, 32, 3),
-        step_time=lambda m: _time_step(m, tx, cfg, batch, args.choose_steps)["median_ms"],
+        step_time=lambda m, cfg=cfg: _time_step(m, tx, cfg, batch, args.choose_steps)["median_ms"],
       )
       tnn.set_forward(model, choice)
       extra = dict(
@@ -104,14 +110,21 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
         layers_by_forward={f: list(choice.values()).count(f) for f in tnn.layers.FORWARDS},
       )
     built.append(
-      (kind, forward, tnn.report(model, (1, 32, 32, 3)), extra, _step_fn(model, tx, cfg, batch))
+      (
+        kind,
+        forward,
+        conv,
+        tnn.report(model, (1, 32, 32, 3)),
+        extra,
+        _step_fn(model, tx, cfg, batch),
+      )
     )
   # every arm compiled, then timed round-robin (`common.timeit_interleaved`)
   times = common.timeit_interleaved(
     {i: b[-1] for i, b in enumerate(built)}, repeats=args.steps, warmup=3
   )
   rows = []
-  for i, (kind, forward, rep, extra, _) in enumerate(built):
+  for i, (kind, forward, conv, rep, extra, _) in enumerate(built):
     t = times[i]
     rows.append(
       dict(
@@ -119,6 +132,7 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
         model="resnet32",
         kind=kind,
         forward=forward,
+        cpu_conv=conv,
         ratio=None if kind == "dense" else args.ratio,
         dtype=args.dtype,
         batch=batch_size,
@@ -131,9 +145,9 @@ def _step_rows_at(args, device: str, batch_size: int) -> list:
         **t,
       )
     )
-  dense_ips = rows[0]["images_per_s"]
+  dense_ips = {r["cpu_conv"]: r["images_per_s"] for r in rows if r["kind"] == "dense"}
   for r in rows:
-    r["vs_dense"] = r["images_per_s"] / dense_ips
+    r["vs_dense"] = r["images_per_s"] / dense_ips[r["cpu_conv"]]
     r["meets_target"] = r["kind"] == "dense" or r["vs_dense"] >= 1.0
   if args.peer == "torch":
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
@@ -265,6 +279,11 @@ def main(argv=None):
   p.add_argument(
     "--forward", default="factorized", help="comma list: factorized,reconstructed,auto"
   )
+  p.add_argument(
+    "--cpu-conv",
+    default="xla,onednn",
+    help="comma list of train-step arms' convolutions on the CPU (tnn.ops.CONV_BACKENDS)",
+  )
   p.add_argument("--only", default="", choices=("", "step", "layer"))
   p.add_argument("--out", default="benchmarks/results/layers.jsonl")
   p.add_argument(
@@ -278,6 +297,10 @@ def main(argv=None):
   args.reused_host_memory = args.host_memory == "reuse" and decomp.reuse_host_memory()
   args.kinds = tuple(k for k in args.kinds.split(",") if k)
   args.forward = tuple(f for f in args.forward.split(",") if f)
+  args.cpu_conv = tuple(c for c in args.cpu_conv.split(",") if c)
+  for c in args.cpu_conv:
+    if c not in tnn.ops.CONV_BACKENDS:
+      p.error(f"--cpu-conv: {c!r}; allowed {tnn.ops.CONV_BACKENDS}")
   bad = [f for f in args.forward if f not in (*tnn.layers.FORWARDS, "auto")]
   if bad:
     p.error(f"--forward: {bad[0]!r}; allowed {(*tnn.layers.FORWARDS, 'auto')}")
@@ -312,7 +335,8 @@ def main(argv=None):
         else ""
       )
       print(
-        f"train step resnet32 {r['kind']:8s} {r['forward'] or '':13s} batch {r['batch']:5d}"
+        f"train step resnet32 {r['kind']:8s} {r['forward'] or '':11s} {r['cpu_conv']:6s}"
+        f" batch {r['batch']:5d}"
         f" {r['images_per_s']:8.1f} img/s"
         f"  {r['vs_dense']:5.2f}x dense{peer}  params {r['params']:8d}"
         f"  compile {r['first_ms'] / 1e3:6.1f} s{flag}"

@@ -28,7 +28,8 @@ def test_step_rows_with_an_auto_arm(tmp_path):
       [
         "--only", "step", "--batch", "2", "--steps", "1", "--choose-steps", "1",
         "--kinds", "tr", "--forward", "factorized,auto", "--peer", "none",
-        "--dtype", "float32", "--host-memory", "default", "--out", str(out),
+        "--dtype", "float32", "--host-memory", "default", "--cpu-conv", "xla",
+        "--out", str(out),
       ]
     )  # fmt: skip
   rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -44,3 +45,4 @@ def test_step_rows_with_an_auto_arm(tmp_path):
   for r in rows:
     assert r["vs_dense"] == r["images_per_s"] / rows[0]["images_per_s"]
     assert r["interleaved"] == 3
+    assert r["cpu_conv"] == "xla"

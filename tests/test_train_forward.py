@@ -119,7 +119,11 @@ def test_auto_trains_the_same_function_as_the_factorized_path(tmp_path):
   ds = data_lib.synthetic()
   rows = {}
   for fw in ("factorized", "auto", "reconstructed"):
-    rows[fw] = run_lib.run(_config_auto(fw), str(tmp_path / fw), ds)
+    # As the CLI runs: float32 throughout. With the suite's x64 on, parts of the steps
+    # promote to float64 differently on the two paths, and 10 steps amplify that beyond
+    # the tolerance below wherever this machine's measurement picks "reconstructed".
+    with jax.enable_x64(False):
+      rows[fw] = run_lib.run(_config_auto(fw), str(tmp_path / fw), ds)
     if fw == "auto":
       choice = json.loads((tmp_path / fw / "finetune" / "forward.json").read_text())["choice"]
       assert set(choice.values()) <= {"factorized", "reconstructed"} and len(choice) == 5

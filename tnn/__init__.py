@@ -9,7 +9,7 @@ parameters and MACs (`tnn.counts`), `choose_forward` / `set_forward` pick each
 factorized layer's forward path by measurement (`tnn.forward`).
 """
 
-from tnn import layers, methods, models, ops, weights
+from tnn import layers, methods, models, onednn, ops, weights
 from tnn.convert import compress, decompose, distort, factorize_random
 from tnn.counts import report
 from tnn.forward import choose_forward, set_forward
@@ -44,6 +44,7 @@ __all__ = [
   "make_plan",
   "methods",
   "models",
+  "onednn",
   "ops",
   "plan_params",
   "register_method",

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tnn import ops
+
 __all__ = [
   "Net",
   "cnn",
@@ -48,6 +50,7 @@ def _conv(s, t, k, rngs, stride=1, bias=False, padding=None):
     padding=padding,
     use_bias=bias,
     kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    conv_general_dilated=ops.conv_general_dilated,
     rngs=rngs,
   )
 
@@ -310,7 +313,9 @@ class Flatten(nnx.Module):
 
 class LeNetBlock(nnx.Module):
   def __init__(self, s, t, rngs):
-    self.conv = nnx.Conv(s, t, (5, 5), padding="VALID", rngs=rngs)
+    self.conv = nnx.Conv(
+      s, t, (5, 5), padding="VALID", conv_general_dilated=ops.conv_general_dilated, rngs=rngs
+    )
 
   def __call__(self, x):
     return nnx.max_pool(jax.nn.relu(self.conv(x)), (2, 2), (2, 2))
@@ -333,7 +338,14 @@ class MLPHead(nnx.Module):
 
 def lenet5(num_classes=10, *, rngs: nnx.Rngs, in_channels=1):
   """LeNet-5 (LeCun et al. 1998) for 28x28 input padded to 32x32 by its first conv."""
-  stem = nnx.Conv(in_channels, 6, (5, 5), padding=((2, 2), (2, 2)), rngs=rngs)
+  stem = nnx.Conv(
+    in_channels,
+    6,
+    (5, 5),
+    padding=((2, 2), (2, 2)),
+    conv_general_dilated=ops.conv_general_dilated,
+    rngs=rngs,
+  )
   blocks = [LeNetBlock(6, 16, rngs)]
   return Net(_ReluPool(stem), blocks, MLPHead((16 * 5 * 5, 120, 84, num_classes), rngs))
 

@@ -19,6 +19,8 @@ Images are NHWC and conv kernels HWIO `(d_h, d_w, C_in / groups, C_out)`, as in 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 
@@ -99,6 +101,49 @@ def pads(
   return tuple(tuple(p) for p in padding)
 
 
+CONV_BACKENDS = ("xla", "onednn")
+"""Who runs the convolutions of `conv` and of `tnn.models`' `nnx.Conv`s where a program is
+lowered for the CPU: XLA's own convolution, or oneDNN's (`tnn.onednn`). Lowered for cuda
+or tpu, XLA's in both cases."""
+
+_conv_backend = contextvars.ContextVar("tensorial_conv_backend", default="xla")
+
+
+@contextlib.contextmanager
+def conv_backend(backend: str):
+  """Within the block, the convolutions traced (`conv`, `conv_general_dilated`) run
+  through `backend` where lowered for the CPU (`CONV_BACKENDS`). A trace-time choice:
+  make it inside the function you jit (as the `train` steps do), so that it is part of
+  that function, not of whatever jit cache entry happens to exist. `"onednn"` acts where
+  the default backend is the CPU: it builds and registers the oneDNN handlers first
+  (`tnn.onednn.load`; `RuntimeError` if it cannot). Where the default backend is a GPU or
+  TPU it changes nothing: the programs traced are exactly the `"xla"` ones."""
+  if backend not in CONV_BACKENDS:
+    raise ValueError(f"conv backend: got {backend!r}; allowed {CONV_BACKENDS}.")
+  if backend == "onednn":
+    if jax.default_backend() == "cpu":
+      from tnn import onednn
+
+      onednn.load()
+    else:
+      backend = "xla"
+  token = _conv_backend.set(backend)
+  try:
+    yield
+  finally:
+    _conv_backend.reset(token)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
+  """`lax.conv_general_dilated`, or `tnn.onednn.conv_general_dilated` inside
+  `conv_backend("onednn")`: what `tnn.models` give their `nnx.Conv`s."""
+  if _conv_backend.get() == "onednn":
+    from tnn import onednn
+
+    return onednn.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
 def out_size(n: int, k: int, stride: int, pad: tuple[int, int]) -> int:
   return (n + pad[0] + pad[1] - k) // stride + 1
 
@@ -119,7 +164,7 @@ def conv(
   kernel is a convolution along one mode only.
   """
   acc = _acc(x.dtype)
-  y = lax.conv_general_dilated(
+  y = conv_general_dilated(
     x,
     w.astype(x.dtype),
     window_strides=tuple(strides),

@@ -140,6 +140,13 @@ def validate(config) -> None:
     raise ValueError(f"config.init_from: no file {config.init_from!r}.")
   if config.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.compute_dtype: {config.compute_dtype!r}; allowed float32, bfloat16.")
+  cpu_conv = config.get("cpu_conv", "xla")
+  if cpu_conv not in tnn.ops.CONV_BACKENDS:
+    raise ValueError(f"config.cpu_conv: {cpu_conv!r}; allowed {', '.join(tnn.ops.CONV_BACKENDS)}.")
+  if cpu_conv == "onednn" and jax.default_backend() == "cpu":
+    ok, why = tnn.onednn.available()
+    if not ok:
+      raise ValueError(f"config.cpu_conv='onednn': {why} Or run with --config.cpu_conv=xla.")
 
 
 # A method section may hold these `tnn.make_plan` arguments (`overrides` as a JSON string).
@@ -192,6 +199,7 @@ def step_config(config, ds, **kw) -> steps_lib.StepConfig:
     flip=config.augment.flip,
     label_smoothing=config.label_smoothing,
     compute_dtype=config.compute_dtype,
+    cpu_conv=config.get("cpu_conv", "xla"),
     **kw,
   )
 
@@ -370,6 +378,7 @@ def _run_fingerprint(config) -> dict:
     augment=dict(config.augment),
     label_smoothing=config.label_smoothing,
     compute_dtype=config.compute_dtype,
+    cpu_conv=config.get("cpu_conv", "xla"),
     init_from=ckpt_lib.file_sha256(init_from)[:16] if init_from else "",
   )
 

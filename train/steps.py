@@ -45,6 +45,8 @@ class StepConfig:
   flip: bool = False
   label_smoothing: float = 0.0
   compute_dtype: str = "float32"
+  # Who runs the convolutions where the step is lowered for the CPU (`tnn.ops.CONV_BACKENDS`).
+  cpu_conv: str = "xla"
   # DeepTwist: distort every `sd` steps (after the update of steps sd, 2 sd, ...:
   # `is_distortion`).
   sd: int = 0
@@ -217,7 +219,8 @@ def _loss(graphdef, cfg: StepConfig, loss, params, rest, x, labels, target):
   """(loss, (logits or None, new BatchNorm statistics)) of one train-mode forward pass."""
   model = set_compute_dtype(nnx.merge(graphdef, params, rest, copy=True), cfg.compute_dtype)
   model.train()
-  value, logits = loss(model, x, labels, target, cfg)
+  with tnn.ops.conv_backend(cfg.cpu_conv):
+    value, logits = loss(model, x, labels, target, cfg)
   _, _, new_rest = split_model(model)
   return value, (logits, new_rest)
 
@@ -244,7 +247,8 @@ def make_train_step(graphdef, tx, cfg: StepConfig, mask=None, *, loss=None) -> C
     if teacher is not None:
       t_model = set_compute_dtype(nnx.merge(*teacher, copy=True), cfg.compute_dtype)
       t_model.eval()
-      target = jax.lax.stop_gradient(loss.teacher_target(t_model, x))
+      with tnn.ops.conv_backend(cfg.cpu_conv):
+        target = jax.lax.stop_gradient(loss.teacher_target(t_model, x))
     (value, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.rest, x, labels, target
     )
@@ -282,7 +286,8 @@ def make_eval_step(graphdef, cfg: StepConfig) -> Callable:
   def eval_step(params, rest, images, labels):
     model = set_compute_dtype(nnx.merge(graphdef, params, rest, copy=True), cfg.compute_dtype)
     model.eval()
-    logits = model(_prepare(cfg, images, None, train=False))
+    with tnn.ops.conv_backend(cfg.cpu_conv):
+      logits = model(_prepare(cfg, images, None, train=False))
     return jnp.sum(jnp.argmax(logits, -1) == labels)
 
   return jax.jit(eval_step)
@@ -297,7 +302,8 @@ def make_recalibrate_step(graphdef, cfg: StepConfig) -> Callable:
       if isinstance(m, nnx.BatchNorm):
         m.momentum = 0.0  # running stats := batch stats
     model.train()
-    model(_prepare(cfg, images, None, train=False))
+    with tnn.ops.conv_backend(cfg.cpu_conv):
+      model(_prepare(cfg, images, None, train=False))
     return split_model(model)[2]
 
   return jax.jit(step)

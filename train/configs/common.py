@@ -50,6 +50,9 @@ def base(dataset: str, model: str, *, batch_size: int = 128) -> ml_collections.C
   c.augment = ml_collections.ConfigDict(dict(crop_pad=4, flip=True))
   c.label_smoothing = 0.0
   c.compute_dtype = "float32"
+  # Convolutions where the program runs on the CPU: "onednn" (tnn.onednn: 2-5x XLA's on
+  # the ResNet shapes) or "xla". On a GPU or TPU both mean XLA's own.
+  c.cpu_conv = "onednn"
   c.batch_size = batch_size
   c.seed = 0
   c.init_from = ""  # a weights file the dense net starts from (a kept teacher, .npz)

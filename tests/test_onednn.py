@@ -1,0 +1,254 @@
+"""oneDNN convolutions (`tnn.onednn`): values and both gradients against XLA's convolution
+in float64, batch-partitioned programs, the GPU/TPU lowering, the dispatch of what is out
+of scope, and a ResNet train step through them against the same step through XLA."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import tnn
+from tnn import onednn, ops
+from train import steps as steps_lib
+from train import trainer
+
+OK, WHY = onednn.available()
+pytestmark = pytest.mark.skipif(not OK, reason=f"oneDNN not available: {WHY}")
+NHWC = ("NHWC", "HWIO", "NHWC")
+TARGET = "tensorial_onednn_conv"
+
+
+def _data(x_shape, w_shape, seed=0):
+  r = np.random.default_rng(seed)
+  x = r.standard_normal(x_shape).astype(np.float32)
+  w = (r.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[:3]))).astype(np.float32)
+  return x, w
+
+
+def _reference(x, w, strides, pads, dy):
+  """Output, dx, dw in float64 through XLA's convolution."""
+  x, w, dy = (jnp.asarray(a, jnp.float64) for a in (x, w, dy))
+
+  def f(x, w):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC)
+
+  y, vjp = jax.vjp(f, x, w)
+  return (y, *vjp(dy))
+
+
+CASES = [
+  # x shape, kernel shape, strides, pads
+  ((4, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+  ((4, 8, 8, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),
+  ((3, 9, 7, 5), (3, 3, 5, 4), (2, 1), ((0, 1), (2, 0))),  # odd sizes, asymmetric pads
+  ((2, 8, 8, 6), (1, 1, 6, 10), (2, 2), ((0, 0), (0, 0))),  # 1x1, strided shortcut
+  ((2, 8, 8, 3), (3, 1, 3, 5), (1, 1), ((1, 1), (0, 0))),  # RSDTR's d x 1
+  ((2, 8, 8, 3), (1, 3, 3, 5), (1, 2), ((0, 0), (1, 1))),  # and 1 x d
+  ((2, 12, 12, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2))),  # LeNet's one-channel stem
+  ((2, 12, 12, 6), (5, 5, 6, 4), (1, 1), ((0, 0), (0, 0))),  # VALID
+  ((6, 8, 8, 4), (3, 3, 4, 1), (2, 2), ((1, 1), (1, 1))),  # the m-forms' Q -> 1 conv
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,pads", CASES)
+def test_values_and_gradients_match_xla_float64(x_shape, w_shape, strides, pads):
+  x, w = _data(x_shape, w_shape)
+  out_shape = onednn._out_shape(x_shape, w_shape, strides, pads)
+  dy = np.random.default_rng(1).standard_normal(out_shape).astype(np.float32)
+  y0, dx0, dw0 = _reference(x, w, strides, pads, dy)
+
+  f = jax.jit(lambda x, w: onednn.conv(x, w, strides, pads))
+  y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+  dx, dw = vjp(jnp.asarray(dy))
+  assert TARGET in f.lower(x, w).as_text()
+  for got, want in ((y, y0), (dx, dx0), (dw, dw0)):
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want), atol=2e-5 * scale)
+
+
+def test_a_wrong_kernel_is_caught():
+  """The check above can fail: a conv against the reference of a transposed kernel."""
+  x, w = _data((2, 8, 8, 4), (3, 3, 4, 4))
+  pads = ((1, 1), (1, 1))
+  y = onednn.conv(jnp.asarray(x), jnp.asarray(w), (1, 1), pads)
+  wrong = _reference(x, np.swapaxes(w, 0, 1), (1, 1), pads, np.zeros((2, 8, 8, 4)))[0]
+  assert float(np.max(np.abs(np.asarray(y, np.float64) - np.asarray(wrong)))) > 1e-2
+
+
+def test_batch_partitioned_over_two_devices():
+  """Sharded over the batch, each device convolves its rows (no gather of the activations)
+  and the kernel gradient is summed across devices: the same numbers as one device."""
+  if jax.device_count() < 2:
+    pytest.skip("needs two devices (conftest forces two CPU devices)")
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x, w = _data((8, 8, 8, 4), (3, 3, 4, 6))
+  pads = ((1, 1), (1, 1))
+
+  def loss(x, w):
+    return jnp.sum(onednn.conv(x, w, (1, 1), pads) ** 2)
+
+  grad = jax.jit(jax.grad(loss, (0, 1)))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  ws = jax.device_put(w, NamedSharding(mesh, P()))
+  dx, dw = grad(xs, ws)
+  dx1, dw1 = jax.jit(jax.grad(loss, (0, 1)))(jnp.asarray(x), jnp.asarray(w))
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(dx1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw), np.asarray(dw1), rtol=1e-5, atol=1e-4)
+  assert dx.sharding.spec == P("data")
+  hlo = grad.lower(xs, ws).compile().as_text()
+  assert "all-gather" not in hlo
+  assert "all-reduce" in hlo  # the kernel gradient's sum over the two halves
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowered_for_gpu_and_tpu_is_xla_convolution(platform):
+  x, w = _data((2, 8, 8, 4), (3, 3, 4, 4))
+
+  def f(x, w):
+    return jax.grad(lambda x, w: jnp.sum(onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)))), 1)(x, w)
+
+  text = jax.export.export(jax.jit(f), platforms=(platform,))(x, w).mlir_module()
+  assert TARGET not in text
+  assert "convolution" in text
+
+
+def test_out_of_scope_convolutions_go_to_xla():
+  """float64, grouped and dilated convolutions are lax's; float32 NHWC ones are oneDNN's,
+  'SAME' padding included."""
+  x, w = _data((2, 8, 8, 4), (3, 3, 4, 4))
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+
+  def lowered(fn, *a):
+    return jax.jit(fn).lower(*a).as_text()
+
+  def same(x, w):
+    return onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+
+  def grouped(x, w):
+    return onednn.conv_general_dilated(
+      x, w[:, :, :2], (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=2
+    )
+
+  def dilated(x, w):
+    return onednn.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=NHWC, rhs_dilation=(2, 2)
+    )
+
+  assert TARGET in lowered(same, x, w)
+  assert TARGET not in lowered(same, x64, w64)
+  assert TARGET not in lowered(grouped, x, w)
+  assert TARGET not in lowered(dilated, x, w)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(same)(x, w)),
+    np.asarray(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+def test_conv_backend_is_a_trace_time_choice():
+  x, w = _data((2, 8, 8, 4), (3, 3, 4, 4))
+
+  def f(x, w):
+    return ops.conv(x, w, padding="SAME")
+
+  assert TARGET not in jax.jit(f).lower(x, w).as_text()
+
+  def g(x, w):
+    with ops.conv_backend("onednn"):
+      return ops.conv(x, w, padding="SAME")
+
+  assert TARGET in jax.jit(g).lower(x, w).as_text()
+  with pytest.raises(ValueError, match="conv backend: got 'mkl'"):
+    with ops.conv_backend("mkl"):
+      pass
+
+
+def test_build_error_names_the_missing_compiler(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler '/nonexistent/g\\+\\+'"):
+    onednn._build("/nonexistent/g++")
+  assert not [f for f in os.listdir(tmp_path / "tensorial") if f.endswith(".so")]
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt", "tr", "mcp", "mtk", "mtt", "mtr"])
+@pytest.mark.parametrize("forward", ["factorized", "reconstructed"])
+def test_every_factorized_layer_through_onednn_equals_xla(method, forward):
+  """Each layer kind's forward path (its pipeline's convs, or the rebuilt kernel's one conv)
+  through oneDNN against the same path through XLA, float32: output and the gradients of
+  the factors and of the input."""
+  with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+    dense = tnn.models.resnet20(10, rngs=nnx.Rngs(0))
+    small = tnn.factorize_random(
+      dense, tnn.make_plan(dense, method, ratio=0.3), nnx.Rngs(1), forward=forward
+    )
+    layers = [m for m in tnn.layer_paths(small).values() if isinstance(m, tnn.layers.Factorized)]
+    # a 16-channel conv at 32x32 and the strided 16 -> 32 one
+    for layer in (layers[0], next(m for m in layers if m.strides == (2, 2))):
+      g, st = nnx.split(layer)
+      x = jnp.asarray(_data((4, 32, 32, layer.weight_shape[2]), (1, 1, 1, 1))[0])
+
+      def loss(st, x, backend, g=g):
+        with ops.conv_backend(backend):
+          y = nnx.merge(g, st)(x)
+        return jnp.sum(y * jnp.cos(y)), y
+
+      results, texts = {}, {}
+      for backend in ("xla", "onednn"):
+        f = jax.jit(jax.grad(lambda st, x, b=backend: loss(st, x, b), (0, 1), has_aux=True))
+        texts[backend] = f.lower(st, x).as_text()
+        results[backend] = f(st, x)
+      # every convolution XLA's program has is oneDNN's in the other (CP's pipeline has
+      # none: its depthwise convs are shifted multiply-adds)
+      assert TARGET not in texts["xla"]
+      has_conv = "convolution" in texts["xla"]
+      assert (TARGET in texts["onednn"]) == has_conv and "convolution" not in texts["onednn"]
+      for got, want in zip(
+        jax.tree.leaves(results["onednn"]), jax.tree.leaves(results["xla"]), strict=True
+      ):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * scale)
+
+
+def _step_results(model, cpu_conv):
+  cfg = steps_lib.StepConfig(num_classes=10, mean=(0.5,), std=(0.25,), pad_to=32, cpu_conv=cpu_conv)
+  tx, _ = trainer.make_optimizer(dict(lr=0.1), 100)
+  graphdef, state = steps_lib.init_state(model, tx, 0)
+  step = steps_lib.make_train_step(graphdef, tx, cfg)
+  r = np.random.default_rng(0)
+  batch = (
+    jnp.asarray(r.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)),
+    jnp.asarray(r.integers(0, 10, (8,), dtype=np.int32)),
+  )
+  text = step.lower(state, batch).as_text()
+  state = jax.tree.map(jnp.copy, state)
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  return state, metrics, text
+
+
+def test_resnet_train_step_through_onednn_equals_xla():
+  """Two SGD steps of ResNet-20 (stem, strided convs, BatchNorm) and of its Tucker-2
+  compression: the step through oneDNN and through XLA agree to float32 rounding."""
+  # The train step runs as users run it: float32 (the suite enables x64), standard promotion.
+  with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+    _compare_steps()
+
+
+def _compare_steps():
+  dense = tnn.models.resnet20(10, in_channels=1, rngs=nnx.Rngs(0))
+  small = tnn.compress(dense, tnn.make_plan(dense, "tucker2", ratio=0.25))
+  for model in (dense, small):
+    s0, m0, t0 = _step_results(model, "xla")
+    s1, m1, t1 = _step_results(model, "onednn")
+    assert TARGET not in t0 and TARGET in t1
+    np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)

@@ -1,0 +1,204 @@
+// oneDNN convolutions as XLA FFI handlers (CPU): NHWC activations, HWIO kernels, float32.
+//
+// Three handlers, each a custom call of tnn/onednn.py: the forward convolution, its input
+// gradient (backward data) and its kernel gradient (backward weights). Attributes: the
+// strides (sh, sw) and the padding (plh, phh, plw, phw); every shape comes from the buffers.
+// One primitive per (kind, geometry), created on first use and cached for the process; the
+// kernel is reordered from HWIO to the layout oneDNN picked (format_tag::any) on each call.
+// Thread safety: XLA may run several custom calls at once, so the cache is guarded by a
+// mutex and every call brings its own scratchpad (scratchpad_mode::user) and stream;
+// oneDNN primitives may execute concurrently given their own memory.
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw;
+  std::string Key(char kind) const {
+    std::string k(1, kind);
+    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw}) {
+      k += ',';
+      k += std::to_string(v);
+    }
+    return k;
+  }
+  memory::desc Src() const { return memory::desc({n, c, h, w}, dt::f32, tag::nhwc); }
+  memory::desc Dst() const { return memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc); }
+  memory::desc WUser() const { return memory::desc({o, c, kh, kw}, dt::f32, tag::hwio); }
+  memory::desc WAny() const { return memory::desc({o, c, kh, kw}, dt::f32, tag::any); }
+  memory::dims Strides() const { return {sh, sw}; }
+  memory::dims PadL() const { return {plh, plw}; }
+  memory::dims PadR() const { return {phh, phw}; }
+};
+
+dnnl::convolution_forward::primitive_desc FwdPd(const Geometry& g) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
+                                    dnnl::algorithm::convolution_direct, g.Src(), g.WAny(),
+                                    g.Dst(), g.Strides(), g.PadL(), g.PadR());
+  return dnnl::convolution_forward::primitive_desc(d, attr, Engine());
+}
+
+struct Entry {
+  dnnl::primitive prim;
+  memory::desc wdesc;  // the primitive's kernel layout
+  memory::desc scratch;
+  bool reorder;
+  dnnl::reorder reorder_prim;  // user <-> primitive kernel layout
+};
+
+std::mutex mu;
+std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
+
+std::shared_ptr<Entry> Get(const Geometry& g, char kind) {
+  std::string key = g.Key(kind);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto e = std::make_shared<Entry>();
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto fwd = FwdPd(g);
+  if (kind == 'f') {
+    e->prim = dnnl::convolution_forward(fwd);
+    e->wdesc = fwd.weights_desc();
+    e->scratch = fwd.scratchpad_desc();
+    e->reorder = e->wdesc != g.WUser();
+    if (e->reorder) e->reorder_prim = dnnl::reorder(memory(g.WUser(), Engine(), nullptr),
+                                                    memory(e->wdesc, Engine(), nullptr));
+  } else if (kind == 'd') {
+    dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.Src(),
+                                            g.WAny(), g.Dst(), g.Strides(), g.PadL(), g.PadR());
+    dnnl::convolution_backward_data::primitive_desc pd(d, attr, Engine(), fwd);
+    e->prim = dnnl::convolution_backward_data(pd);
+    e->wdesc = pd.weights_desc();
+    e->scratch = pd.scratchpad_desc();
+    e->reorder = e->wdesc != g.WUser();
+    if (e->reorder) e->reorder_prim = dnnl::reorder(memory(g.WUser(), Engine(), nullptr),
+                                                    memory(e->wdesc, Engine(), nullptr));
+  } else {
+    dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.Src(),
+                                               g.WAny(), g.Dst(), g.Strides(), g.PadL(),
+                                               g.PadR());
+    dnnl::convolution_backward_weights::primitive_desc pd(d, attr, Engine(), fwd);
+    e->prim = dnnl::convolution_backward_weights(pd);
+    e->wdesc = pd.diff_weights_desc();
+    e->scratch = pd.scratchpad_desc();
+    e->reorder = e->wdesc != g.WUser();
+    if (e->reorder) e->reorder_prim = dnnl::reorder(memory(e->wdesc, Engine(), nullptr),
+                                                    memory(g.WUser(), Engine(), nullptr));
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  return cache.emplace(key, e).first->second;
+}
+
+Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+              ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t plh, int64_t phh,
+              int64_t plw, int64_t phw) {
+  return Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
+                  sh,   sw,   plh,  phh,  plw,  phw};
+}
+
+ffi::Error Run(const Geometry& g, char kind, void* src, void* wts, void* dst) {
+  try {
+    auto e = Get(g, kind);
+    dnnl::stream s(Engine());
+    // Uninitialised (a vector would zero them on every call).
+    std::unique_ptr<uint8_t[]> scratch(new uint8_t[e->scratch.get_size() + 1]);
+    std::unique_ptr<uint8_t[]> wbuf(new uint8_t[e->reorder ? e->wdesc.get_size() : 1]);
+    memory user_w(g.WUser(), Engine(), wts);
+    memory prim_w(e->wdesc, Engine(), e->reorder ? wbuf.get() : wts);
+    memory sp(e->scratch, Engine(), scratch.get());
+    memory msrc(g.Src(), Engine(), src), mdst(g.Dst(), Engine(), dst);
+    if (kind == 'f') {
+      if (e->reorder) e->reorder_prim.execute(s, user_w, prim_w);
+      e->prim.execute(s, {{DNNL_ARG_SRC, msrc}, {DNNL_ARG_WEIGHTS, prim_w},
+                          {DNNL_ARG_DST, mdst}, {DNNL_ARG_SCRATCHPAD, sp}});
+    } else if (kind == 'd') {
+      if (e->reorder) e->reorder_prim.execute(s, user_w, prim_w);
+      e->prim.execute(s, {{DNNL_ARG_DIFF_SRC, msrc}, {DNNL_ARG_WEIGHTS, prim_w},
+                          {DNNL_ARG_DIFF_DST, mdst}, {DNNL_ARG_SCRATCHPAD, sp}});
+    } else {
+      e->prim.execute(s, {{DNNL_ARG_SRC, msrc}, {DNNL_ARG_DIFF_WEIGHTS, prim_w},
+                          {DNNL_ARG_DIFF_DST, mdst}, {DNNL_ARG_SCRATCHPAD, sp}});
+      if (e->reorder) e->reorder_prim.execute(s, prim_w, user_w);
+    }
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + err.what());
+  } catch (const std::exception& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("tensorial oneDNN conv: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error FwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t plh,
+                   int64_t phh, int64_t plw, int64_t phw) {
+  auto g = Make(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, plh, phh, plw, phw);
+  return Run(g, 'f', x.untyped_data(), w.untyped_data(), y->untyped_data());
+}
+
+// dy (N, OH, OW, O), w HWIO -> dx (N, H, W, C)
+ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t plh,
+                       int64_t phh, int64_t plw, int64_t phw) {
+  auto g = Make(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, plh, phh, plw, phw);
+  return Run(g, 'd', dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+}
+
+// x (N, H, W, C), dy (N, OH, OW, O) -> dw HWIO
+ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t plh,
+                          int64_t phh, int64_t plw, int64_t phw) {
+  auto g = Make(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, plh, phh, plw, phw);
+  return Run(g, 'w', x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+}
+
+}  // namespace
+
+#define EXPORT_FFI(fn, ...) \
+  extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* fn(XLA_FFI_CallFrame*); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(fn, __VA_ARGS__)
+
+#define ATTRS                                                                        \
+  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("plh").Attr<int64_t>("phh") \
+      .Attr<int64_t>("plw").Attr<int64_t>("phw")
+
+EXPORT_FFI(TensorialConvFwd, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
+EXPORT_FFI(TensorialConvBwdData, BwdDataImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
+EXPORT_FFI(TensorialConvBwdWeights, BwdWeightsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() ATTRS);

@@ -1,0 +1,325 @@
+"""oneDNN convolutions for programs lowered for the CPU (an XLA FFI custom call).
+
+XLA's CPU backend runs the 3x3 convolutions of a CIFAR ResNet 2-5x slower than the
+oneDNN kernels PyTorch calls, and its weight gradient adds a transpose of every
+activation (README, "Measured: layers"). This module runs a float32 NHWC/HWIO convolution,
+its input gradient and its weight gradient as oneDNN primitives inside the jitted
+program, through three XLA FFI handlers (`tnn/_onednn_conv.cc`). It is chosen where the
+program is lowered, with `lax.platform_dependent`: lowered for the CPU, the custom calls;
+lowered for cuda or tpu, `lax.conv_general_dilated` as before. Data-parallel programs
+stay data parallel: each custom call is partitioned over the batch dimension
+(`custom_partitioning`), and the weight gradient is summed over the batch's mesh axes.
+
+Nothing happens at import. `load()` compiles the handlers once per machine (g++, the
+headers of jaxlib's FFI and of oneDNN: Debian's `libdnnl-dev`) into
+`$XDG_CACHE_HOME/tensorial` (default `~/.cache/tensorial`), loads them and registers the
+three targets for the CPU platform; it raises `RuntimeError` naming what is missing.
+Which convolutions use it is a trace-time choice, `tnn.ops.conv_backend("onednn")`, that
+the `train` steps make from `config.cpu_conv` (`tnn.ops`).
+
+Scope: float32, 2-D, NHWC activations, HWIO kernels, one group, no dilation,
+non-negative padding. `conv_general_dilated` sends every other convolution to
+`lax.conv_general_dilated` (bfloat16 compute, grouped convs); `supported` says which.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+
+import jax
+import numpy as np
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_onednn_conv.cc")
+_TARGETS = {
+  "fwd": ("tensorial_onednn_conv_fwd", "TensorialConvFwd"),
+  "bwd_data": ("tensorial_onednn_conv_bwd_data", "TensorialConvBwdData"),
+  "bwd_weights": ("tensorial_onednn_conv_bwd_weights", "TensorialConvBwdWeights"),
+}
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_lock = threading.Lock()
+_loaded: str | None = None  # the path of the loaded library
+
+
+def _cache_dir() -> str:
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "tensorial")
+
+
+def _build(cxx: str) -> str:
+  """Compiles the handlers (once per source, jaxlib and compiler) and returns the path."""
+  import jaxlib
+
+  include = jax.ffi.include_dir()
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(
+    source + jaxlib.__version__.encode() + include.encode() + cxx.encode()
+  ).hexdigest()[:16]
+  out = os.path.join(_cache_dir(), f"onednn_conv-{key}.so")
+  if os.path.exists(out):
+    return out
+  os.makedirs(_cache_dir(), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+  os.close(fd)
+  cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+  cmd += ["-I", include, _SOURCE, "-o", tmp, "-ldnnl"]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+  except FileNotFoundError:
+    os.unlink(tmp)
+    raise RuntimeError(
+      f"oneDNN convolutions: no C++ compiler {cxx!r} (set CXX, or install g++)."
+    ) from None
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    raise RuntimeError(
+      "oneDNN convolutions could not be built (they need oneDNN's headers and library: "
+      f"`apt-get install libdnnl-dev` on Debian/Ubuntu). {cxx} said:\n{tail}"
+    )
+  os.replace(tmp, out)  # atomic: concurrent builders (test workers) agree
+  return out
+
+
+def load() -> str:
+  """Builds (once per machine), loads and registers the CPU handlers; returns the
+  library's path. Raises `RuntimeError` saying what is missing. Idempotent."""
+  global _loaded
+  with _lock:
+    if _loaded is None:
+      path = _build(os.environ.get("CXX", "g++"))
+      try:
+        lib = ctypes.CDLL(path)
+      except OSError as e:
+        raise RuntimeError(f"oneDNN convolutions: {path} does not load ({e}).") from None
+      for target, symbol in _TARGETS.values():
+        capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+      _loaded = path
+    return _loaded
+
+
+def available() -> tuple[bool, str]:
+  """`(True, library path)` if `load()` succeeds, else `(False, why)`."""
+  try:
+    return True, load()
+  except RuntimeError as e:
+    return False, str(e)
+
+
+# --- the three handlers as partitioned calls ----------------------------------------
+
+
+def _attrs(strides, pads) -> dict:
+  (plh, phh), (plw, phw) = pads
+  return {
+    k: np.int64(v)
+    for k, v in zip(
+      ("sh", "sw", "plh", "phh", "plw", "phw"), (*strides, plh, phh, plw, phw), strict=True
+    )
+  }
+
+
+def _call(which: str, a, b, shape, strides, pads):
+  target = _TARGETS[which][0]
+  out = jax.ShapeDtypeStruct(shape, a.dtype)
+  return jax.ffi.ffi_call(target, out)(a, b, **_attrs(strides, pads))
+
+
+def _batch_axes(sharding):
+  spec = getattr(sharding, "spec", None)
+  return spec[0] if spec is not None and len(spec) else None
+
+
+def _partitioned(which: str, rule: str):
+  """`which`'s custom call, split over the mesh axes of its first operand's batch dim.
+
+  fwd and bwd_data: batch in, batch out, the kernel replicated. bwd_weights (`x`, `dy`
+  both batch-split): each shard's kernel gradient, summed over those axes.
+  """
+  reduce = which == "bwd_weights"
+
+  @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+  def call(a, b, shape, strides, pads):
+    return _call(which, a, b, shape, strides, pads)
+
+  def shardings(mesh, arg_shapes):
+    ax = _batch_axes(arg_shapes[0].sharding)
+    args = (NamedSharding(mesh, P(ax)), NamedSharding(mesh, P(ax) if reduce else P()))
+    return ax, args, NamedSharding(mesh, P() if reduce else P(ax))
+
+  def partition(shape, strides, pads, mesh, arg_shapes, result_shape):
+    ax, args, out = shardings(mesh, arg_shapes)
+
+    def lower(a, b):
+      local = shape if reduce else (a.shape[0], *shape[1:])
+      y = _call(which, a, b, local, strides, pads)
+      return lax.psum(y, ax) if reduce and ax is not None else y
+
+    return mesh, lower, out, args
+
+  def infer(shape, strides, pads, mesh, arg_shapes, result_shape):
+    return shardings(mesh, arg_shapes)[2]
+
+  call.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule)
+  return call
+
+
+_RULES = {  # Shardy sharding rules: n the batch, c and o the channels
+  "fwd": "n h w c, i j c o -> n p q o",
+  "bwd_data": "n p q o, i j c o -> n h w c",
+  "bwd_weights": "n h w c, n p q o -> i j c o",
+}
+
+
+@functools.cache
+def _partitioned_call(which: str):
+  # built on first use, not at import
+  return _partitioned(which, _RULES[which])
+
+
+def _fwd(*args):
+  return _partitioned_call("fwd")(*args)
+
+
+def _bwd_data(*args):
+  return _partitioned_call("bwd_data")(*args)
+
+
+def _bwd_weights(*args):
+  return _partitioned_call("bwd_weights")(*args)
+
+
+def _out_shape(x_shape, w_shape, strides, pads) -> tuple:
+  n, h, w, _ = x_shape
+  kh, kw, _, o = w_shape
+  oh = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
+  ow = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
+  return (n, oh, ow, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x, w, strides, pads):
+  return _fwd(x, w, _out_shape(x.shape, w.shape, strides, pads), strides, pads)
+
+
+def _onednn_conv_fwd(x, w, strides, pads):
+  return _onednn_conv(x, w, strides, pads), (x, w)
+
+
+def _onednn_conv_bwd(strides, pads, res, dy):
+  x, w = res
+  return (
+    _bwd_data(dy, w, x.shape, strides, pads),
+    _bwd_weights(x, dy, w.shape, strides, pads),
+  )
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
+def _xla_conv(x, w, strides, pads):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+# --- public ------------------------------------------------------------------------
+
+
+def conv(x: jax.Array, w: jax.Array, strides=(1, 1), pads=((0, 0), (0, 0))) -> jax.Array:
+  """`lax.conv_general_dilated(x, w, strides, pads)` of `x` `(N, H, W, C)` float32 and
+  `w` `(d_h, d_w, C, T)` float32, padding `pads = ((lo, hi), (lo, hi))`, `(N, H', W', T)`
+  out: oneDNN where lowered for the CPU, XLA's convolution elsewhere. Differentiable in
+  both arguments (oneDNN's backward-data and backward-weights primitives on the CPU)."""
+  strides = tuple(int(s) for s in strides)
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  return lax.platform_dependent(
+    x,
+    w,
+    cpu=functools.partial(_onednn_conv, strides=strides, pads=pads),
+    default=functools.partial(_xla_conv, strides=strides, pads=pads),
+  )
+
+
+def supported(
+  lhs,
+  rhs,
+  dimension_numbers,
+  lhs_dilation,
+  rhs_dilation,
+  feature_group_count,
+  batch_group_count=1,
+  pads=None,
+) -> bool:
+  """Whether `conv_general_dilated` with these arguments is one `conv` runs."""
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    return False
+  if lhs.dtype != np.float32 or rhs.dtype != np.float32:
+    return False
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
+    return False
+  if any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))):
+    return False
+  if feature_group_count != 1 or batch_group_count != 1:
+    return False
+  return pads is None or all(p >= 0 for pair in pads for p in pair)
+
+
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+  **kwargs,
+):
+  """`lax.conv_general_dilated`'s signature (a drop-in for `nnx.Conv`'s
+  `conv_general_dilated`): the convolutions in `conv`'s scope run through `conv`; the
+  rest through `lax.conv_general_dilated` with the same arguments."""
+  args = dict(
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+    **kwargs,
+  )
+  pads = padding
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  ok = dimension_numbers is not None and supported(
+    lhs,
+    rhs,
+    dimension_numbers,
+    lhs_dilation,
+    rhs_dilation,
+    feature_group_count,
+    batch_group_count,
+    pads,
+  )
+  ok = (
+    ok
+    and kwargs.get("out_sharding") is None
+    and (preferred_element_type is None or np.dtype(preferred_element_type) == np.float32)
+  )
+  if not ok:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
+  return conv(lhs, rhs, window_strides, pads)
