@@ -220,10 +220,21 @@ def _tr_apply(x, p, ranks, strides, padding):
   r0, r1, r2, r3 = ranks
   n, h, w, _ = x.shape
   ph, pw = _split_pads(x.shape, (p["g1"].shape[1], p["g2"].shape[1]), strides, padding)
-  y = ops.contract("nhws,asb->nahwb", x, p["g0"]).reshape(n * r0, h, w, r1)
+  onednn = ops.current_conv_backend() == "onednn" and x.dtype == jnp.float32
+  if onednn:
+    # the two 1x1s as 1x1 convs (oneDNN's GEMMs on NHWC), R0 moved by explicit transposes
+    g0 = jnp.transpose(p["g0"], (1, 0, 2)).reshape(x.shape[3], r0 * r1)  # (S, R0 R1)
+    y = ops.contract("nhws,sc->nhwc", x, g0).reshape(n, h, w, r0, r1)
+    y = jnp.transpose(y, (0, 3, 1, 2, 4)).reshape(n * r0, h, w, r1)
+  else:
+    y = ops.contract("nhws,asb->nahwb", x, p["g0"]).reshape(n * r0, h, w, r1)
   y = _conv_h(y, jnp.transpose(p["g1"], (1, 0, 2)), strides, ph)  # (d_h, R1, R2)
   y = _conv_w(y, jnp.transpose(p["g2"], (1, 0, 2)), strides, pw)  # (d_w, R2, R3)
   y = y.reshape(n, r0, *y.shape[1:3], r3)
+  if onednn:
+    y = jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(n, *y.shape[2:4], r0 * r3)
+    g3 = jnp.transpose(p["g3"], (2, 0, 1)).reshape(r0 * r3, -1)  # (R0 R3, T)
+    return ops.contract("nhwc,ct->nhwt", y, g3)
   return ops.contract("nahwd,dta->nhwt", y, p["g3"])
 
 

@@ -51,6 +51,10 @@ def contract(spec: str, *operands: jax.Array, precision=None) -> jax.Array:
   names = inputs.split(",")
   if len(names) != len(operands):
     raise ValueError(f"contract: spec {spec!r} names {len(names)} operands, got {len(operands)}.")
+  if _conv_backend.get() == "onednn":
+    y = _pointwise_conv(names, out, *operands)
+    if y is not None:
+      return y
   acc = _acc(operands[0].dtype)
   y, y_names = operands[0], names[0]
   for i in range(1, len(operands)):
@@ -67,6 +71,30 @@ def contract(spec: str, *operands: jax.Array, precision=None) -> jax.Array:
   if y_names != out:
     y = jnp.einsum(f"{y_names}->{out}", y)
   return y
+
+
+def _pointwise_conv(names, out, *operands):
+  """Under `conv_backend("onednn")`, a channel contraction of an image, `"nhws,st->nhwt"`
+  (or `"nhws,ts->nhwt"`), float32, as the 1x1 convolution it is: oneDNN runs it on the
+  NHWC image as one GEMM, forward and both gradients, where XLA's dot and its gradients
+  transpose the image. None for every other contraction."""
+  if len(operands) != 2 or len(names) != 2 or len(names[0]) != 4 or len(names[1]) != 2:
+    return None
+  x, w = operands
+  if x.dtype != jnp.float32 or w.dtype != jnp.float32 or len(out) != 4:
+    return None
+  c, t = names[0][3], out[3]
+  if names[0][:3] != out[:3] or len(set(names[0])) != 4 or t in names[0]:
+    return None
+  if names[1] == c + t:
+    k = w
+  elif names[1] == t + c:
+    k = w.T
+  else:
+    return None
+  return conv_general_dilated(
+    x, k[None, None], (1, 1), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def contract_macs(spec: str, *shapes: Sequence[int]) -> int:
@@ -132,6 +160,11 @@ def conv_backend(backend: str):
     yield
   finally:
     _conv_backend.reset(token)
+
+
+def current_conv_backend() -> str:
+  """The backend `conv_backend` set for what is being traced now (default `"xla"`)."""
+  return _conv_backend.get()
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
