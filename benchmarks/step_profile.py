@@ -6,8 +6,9 @@ The step of `benchmarks.layers` (forward, backward, SGD with momentum; `--kind` 
 `tnn.make_plan` method at `--ratio`, or dense), compiled and warmed up, then `--steps` steps
 traced with `jax.profiler` (a Perfetto trace, read back here). The executed ops' time is
 summed by group: the oneDNN custom calls (forward, input gradient, kernel gradient), XLA's
-YNNPACK fusions (its CPU convolutions and dots), other convolutions, dots, transposes/copies, and the other fusions (BatchNorm, ReLU, the
-optimizer: elementwise and reductions). Per step, in ms, with the step's wall time beside
+YNNPACK fusions (its CPU convolutions and dots, and elementwise work fused with them), other
+convolutions, dots, transposes/copies, and the other fusions (BatchNorm, ReLU, the optimizer:
+elementwise and reductions). Per step, in ms, with the step's wall time beside
 them; the ops of the two XLA worker threads can overlap, so their sum may exceed it.
 A JSON line goes to `--out`.
 """
@@ -46,7 +47,9 @@ def _group(name: str) -> str:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--kind", default="dense")
@@ -68,7 +71,8 @@ def main(argv=None):
 
   model = tnn.models.resnet32(10, rngs=nnx.Rngs(0))
   if args.kind != "dense":
-    model = tnn.factorize_random(model, tnn.make_plan(model, args.kind, ratio=args.ratio), nnx.Rngs(1))
+    plan = tnn.make_plan(model, args.kind, ratio=args.ratio)
+    model = tnn.factorize_random(model, plan, nnx.Rngs(1))
   cfg = steps_lib.StepConfig(
     num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, cpu_conv=args.cpu_conv
   )
@@ -100,7 +104,7 @@ def main(argv=None):
   targets = {}
   for line in step.lower(state, batch).compile().as_text().splitlines():
     if "custom_call_target=" in line and "=" in line:
-      name = line.strip().lstrip("ROOT ").split(" = ")[0].lstrip("%")
+      name = line.strip().removeprefix("ROOT ").split(" = ")[0].lstrip("%")
       targets[name] = line.split('custom_call_target="')[1].split('"')[0]
   by = collections.Counter()
   for e in events:
@@ -124,7 +128,8 @@ def main(argv=None):
     date=time.strftime("%F", time.gmtime()),
   )
   common.write_jsonl(args.out, [row])
-  print(f"{args.kind} {args.cpu_conv} batch {args.batch}: step {wall:.1f} ms (median of {args.steps})")
+  print(f"{args.kind} {args.cpu_conv} batch {args.batch}: step {wall:.1f} ms", end="")
+  print(f" (median of {args.steps})")
   for k, v in by.most_common():
     print(f"  {k:24s} {v:8.2f} ms/step")
 
