@@ -12,11 +12,11 @@ widths 16/32/64, 0.07M params; `train/configs/teachers.py:cnn`), or with `pretra
 trains that CNN here first (800 steps). From it: DeepTwist (Tucker-2, 1280 steps, a
 distortion every 40, BatchNorm recomputed after the last), RSDTR fine-tuning (TR-SVD at
 eps 0.9 with the storage-minimal circular shift and rank split, as Gabor & Zdunek choose
-the TR format, 11% of the conv weights, 1024 steps), and TNN Seq-KD (TT layers at 10%, 200
-steps per block with Adam at 1e-3 as the TNN authors train, then 1200 of end-to-end
-distillation). The lengths are the longest that keep the run near 7 minutes on a 2-core
-CPU (length is what brings the compressed nets closest to the teacher here: the README's
-demo section). RSDTR's eps search replaces TR ranks at a uniform 10% with shift 0
+the TR format, 11% of the conv weights, 1280 steps, as many as DeepTwist), and TNN Seq-KD
+(TT layers at 10%, 200 steps per block with Adam at 1e-3 as the TNN authors train, then
+1200 of end-to-end distillation). The lengths are the longest that keep the run under 10
+minutes on a 2-core CPU (length is what brings the compressed nets closest to the teacher
+here: the README's demo section). RSDTR's eps search replaces TR ranks at a uniform 10% with shift 0
 (0.8816 at 720 steps; the README's demo table).
 The decomposed nets' BatchNorm statistics are recomputed before training (`bn_batches`;
 `nobn` in ARG turns that off, for the before/after figure in the README). The m-forms
@@ -56,7 +56,7 @@ def get_config(arg=None):
     method="tucker2", ratio=0.1, sd=40, steps=1280, bn_batches=bn, opt=opt(0.02)
   )
   c.finetune = section(
-    method="tr", eps=0.9, steps=1024, bn_batches=bn, opt=opt(0.02), forward="factorized"
+    method="tr", eps=0.9, steps=1280, bn_batches=bn, opt=opt(0.02), forward="factorized"
   )
   # Seq-KD with Adam at 1e-3, the TNN authors' optimizer (SGD at 0.02 here: 0.8042).
   adam = dict(optimizer="adam", lr=1e-3, schedule="constant", weight_decay=0.0, momentum=0.9)
