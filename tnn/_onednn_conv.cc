@@ -9,12 +9,10 @@
 // mutex and every call brings its own scratchpad (scratchpad_mode::user) and stream;
 // oneDNN primitives may execute concurrently given their own memory.
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
-#include <vector>
 
 #include "dnnl.hpp"
 #include "xla/ffi/api/ffi.h"

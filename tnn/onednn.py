@@ -253,73 +253,42 @@ def conv(x: jax.Array, w: jax.Array, strides=(1, 1), pads=((0, 0), (0, 0))) -> j
 def supported(
   lhs,
   rhs,
-  dimension_numbers,
-  lhs_dilation,
-  rhs_dilation,
-  feature_group_count,
+  pads,
+  *,
+  dimension_numbers=None,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  feature_group_count=1,
   batch_group_count=1,
-  pads=None,
+  preferred_element_type=None,
+  out_sharding=None,
+  **_,
 ) -> bool:
-  """Whether `conv_general_dilated` with these arguments is one `conv` runs."""
-  if lhs.ndim != 4 or rhs.ndim != 4:
+  """Whether `lax.conv_general_dilated(lhs, rhs, strides, pads, **kwargs)` is one `conv`
+  runs (`supported(lhs, rhs, pads, **kwargs)`; explicit `((lo, hi), (lo, hi))` pads)."""
+  if lhs.ndim != 4 or rhs.ndim != 4 or dimension_numbers is None:
     return False
   if lhs.dtype != np.float32 or rhs.dtype != np.float32:
+    return False
+  if preferred_element_type is not None and np.dtype(preferred_element_type) != np.float32:
     return False
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
     return False
-  if any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))):
+  if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
     return False
-  if feature_group_count != 1 or batch_group_count != 1:
+  if feature_group_count != 1 or batch_group_count != 1 or out_sharding is not None:
     return False
-  return pads is None or all(p >= 0 for pair in pads for p in pair)
+  return all(p >= 0 for pair in pads for p in pair)
 
 
-def conv_general_dilated(
-  lhs,
-  rhs,
-  window_strides,
-  padding,
-  lhs_dilation=None,
-  rhs_dilation=None,
-  dimension_numbers=None,
-  feature_group_count=1,
-  batch_group_count=1,
-  precision=None,
-  preferred_element_type=None,
-  **kwargs,
-):
+def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
   """`lax.conv_general_dilated`'s signature (a drop-in for `nnx.Conv`'s
-  `conv_general_dilated`): the convolutions in `conv`'s scope run through `conv`; the
-  rest through `lax.conv_general_dilated` with the same arguments."""
-  args = dict(
-    lhs_dilation=lhs_dilation,
-    rhs_dilation=rhs_dilation,
-    dimension_numbers=dimension_numbers,
-    feature_group_count=feature_group_count,
-    batch_group_count=batch_group_count,
-    precision=precision,
-    preferred_element_type=preferred_element_type,
-    **kwargs,
-  )
+  `conv_general_dilated`): the convolutions in `conv`'s scope (`supported`) run through
+  `conv`; the rest through `lax.conv_general_dilated` with the same arguments."""
   pads = padding
   if isinstance(padding, str):
     pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  ok = dimension_numbers is not None and supported(
-    lhs,
-    rhs,
-    dimension_numbers,
-    lhs_dilation,
-    rhs_dilation,
-    feature_group_count,
-    batch_group_count,
-    pads,
-  )
-  ok = (
-    ok
-    and kwargs.get("out_sharding") is None
-    and (preferred_element_type is None or np.dtype(preferred_element_type) == np.float32)
-  )
-  if not ok:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
+  if not supported(lhs, rhs, pads, **kwargs):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
   return conv(lhs, rhs, window_strides, pads)
