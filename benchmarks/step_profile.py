@@ -55,6 +55,7 @@ def main(argv=None):
   p.add_argument("--kind", default="dense")
   p.add_argument("--ratio", type=float, default=0.25)
   p.add_argument("--cpu-conv", default="onednn", choices=("xla", "onednn"))
+  p.add_argument("--top", type=int, default=0, help="also print the N costliest ops")
   p.add_argument("--out", default="benchmarks/results/step_profile-cpu.jsonl")
   args = p.parse_args(argv)
   decomp.reuse_host_memory()  # as the CLI and the layers benchmark do
@@ -107,6 +108,7 @@ def main(argv=None):
       name = line.strip().removeprefix("ROOT ").split(" = ")[0].lstrip("%")
       targets[name] = line.split('custom_call_target="')[1].split('"')[0]
   by = collections.Counter()
+  per_op = collections.Counter()
   for e in events:
     args_ = e.get("args") or {}
     # executed ops (thunks) only: the spans the thunk executor names after their HLO op
@@ -114,6 +116,7 @@ def main(argv=None):
       continue
     op = args_["hlo_op"]
     by[_group(targets.get(op, op))] += e["dur"] / 1e3 / args.steps
+    per_op[op] += e["dur"] / 1e3 / args.steps
   wall = float(np.median(walls)) * 1e3
   row = dict(
     bench="step_profile",
@@ -132,6 +135,8 @@ def main(argv=None):
   print(f" (median of {args.steps})")
   for k, v in by.most_common():
     print(f"  {k:24s} {v:8.2f} ms/step")
+  for op, v in [(o, v) for o, v in per_op.most_common() if o not in targets][: args.top]:
+    print(f"  {v:8.2f} ms  {op}  {targets.get(op, '')}")
 
 
 if __name__ == "__main__":

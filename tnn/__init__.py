@@ -1,15 +1,16 @@
 """Tensorial layers, models and dense -> factorized conversion.
 
 `tnn.ops` (generalized tensor operations), `tnn.layers` (factorized conv and dense
-layers), `tnn.models` (the papers' networks), `tnn.methods` (one `Method` record per decomposition,
-in a registry), and the plan API: `make_plan` decides every targeted layer's decomposition
+layers), `tnn.models` (the papers' networks; their BatchNorm is `tnn.norm`'s),
+`tnn.methods` (one `Method` record per decomposition, in a registry), and the plan API:
+`make_plan` decides every targeted layer's decomposition
 and static ranks once (`tnn.plan`), `compress` builds the factorized model from it and
 `distort` is the DeepTwist projection of one weight (`tnn.convert`), `report` counts
 parameters and MACs (`tnn.counts`), `choose_forward` / `set_forward` pick each
 factorized layer's forward path by measurement (`tnn.forward`).
 """
 
-from tnn import layers, methods, models, onednn, ops, weights
+from tnn import layers, methods, models, norm, onednn, ops, weights
 from tnn.convert import compress, decompose, distort, factorize_random
 from tnn.counts import report
 from tnn.forward import choose_forward, set_forward
@@ -44,6 +45,7 @@ __all__ = [
   "make_plan",
   "methods",
   "models",
+  "norm",
   "onednn",
   "ops",
   "plan_params",

@@ -3,6 +3,9 @@
 // Three handlers, each a custom call of tnn/onednn.py: the forward convolution, its input
 // gradient (backward data) and its kernel gradient (backward weights). Attributes: the
 // strides (sh, sw) and the padding (plh, phh, plw, phw); every shape comes from the buffers.
+// Grouped convolutions (depthwise included): `G = C / w.shape[2]` groups, the kernel
+// HWIO `(d_h, d_w, C / G, T)` with output channels group-major, as XLA's
+// `feature_group_count`; oneDNN's `hwigo`.
 // One primitive per (kind, geometry), created on first use and cached for the process; the
 // kernel is reordered from HWIO to the layout oneDNN picked (format_tag::any) on each call.
 // Thread safety: XLA may run several custom calls at once, so the cache is guarded by a
@@ -30,10 +33,10 @@ dnnl::engine& Engine() {
 }
 
 struct Geometry {
-  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw;
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw, g;
   std::string Key(char kind) const {
     std::string k(1, kind);
-    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw}) {
+    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw, g}) {
       k += ',';
       k += std::to_string(v);
     }
@@ -41,8 +44,13 @@ struct Geometry {
   }
   memory::desc Src() const { return memory::desc({n, c, h, w}, dt::f32, tag::nhwc); }
   memory::desc Dst() const { return memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc); }
-  memory::desc WUser() const { return memory::desc({o, c, kh, kw}, dt::f32, tag::hwio); }
-  memory::desc WAny() const { return memory::desc({o, c, kh, kw}, dt::f32, tag::any); }
+  memory::dims WDims() const {
+    return g == 1 ? memory::dims{o, c, kh, kw} : memory::dims{g, o / g, c / g, kh, kw};
+  }
+  memory::desc WUser() const {
+    return memory::desc(WDims(), dt::f32, g == 1 ? tag::hwio : tag::hwigo);
+  }
+  memory::desc WAny() const { return memory::desc(WDims(), dt::f32, tag::any); }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims PadL() const { return {plh, plw}; }
   memory::dims PadR() const { return {phh, phw}; }
@@ -115,8 +123,8 @@ std::shared_ptr<Entry> Get(const Geometry& g, char kind) {
 Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
               ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t plh, int64_t phh,
               int64_t plw, int64_t phw) {
-  return Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
-                  sh,   sw,   plh,  phh,  plw,  phw};
+  return Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1],
+                  y[2], sh,   sw,   plh,  phh,  plw,  phw,  x[3] / w[2]};
 }
 
 ffi::Error Run(const Geometry& g, char kind, void* src, void* wts, void* dst) {

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tnn import ops
+from tnn import norm, ops
 
 __all__ = [
   "Net",
@@ -56,7 +56,7 @@ def _conv(s, t, k, rngs, stride=1, bias=False, padding=None):
 
 
 def _bn(c, rngs):
-  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
+  return norm.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
 
 def _pool(x):

@@ -17,9 +17,10 @@ three targets for the CPU platform; it raises `RuntimeError` naming what is miss
 Which convolutions use it is a trace-time choice, `tnn.ops.conv_backend("onednn")`, that
 the `train` steps make from `config.cpu_conv` (`tnn.ops`).
 
-Scope: float32, 2-D, NHWC activations, HWIO kernels, one group, no dilation,
-non-negative padding. `conv_general_dilated` sends every other convolution to
-`lax.conv_general_dilated` (bfloat16 compute, grouped convs); `supported` says which.
+Scope: float32, 2-D, NHWC activations, HWIO kernels, feature groups (depthwise
+included), no dilation, non-negative padding. `conv_general_dilated` sends every other
+convolution to `lax.conv_general_dilated` (bfloat16 compute, dilation, batch groups);
+`supported` says which.
 """
 
 from __future__ import annotations
@@ -175,10 +176,10 @@ def _partitioned(which: str, rule: str):
   return call
 
 
-_RULES = {  # Shardy sharding rules: n the batch, c and o the channels
-  "fwd": "n h w c, i j c o -> n p q o",
-  "bwd_data": "n p q o, i j c o -> n h w c",
-  "bwd_weights": "n h w c, n p q o -> i j c o",
+_RULES = {  # Shardy sharding rules: n the batch, c and o the channels, k = c / groups
+  "fwd": "n h w c, i j k o -> n p q o",
+  "bwd_data": "n p q o, i j k o -> n h w c",
+  "bwd_weights": "n h w c, n p q o -> i j k o",
 }
 
 
@@ -229,17 +230,28 @@ _onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 
 
 def _xla_conv(x, w, strides, pads):
-  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+  return lax.conv_general_dilated(
+    x, w, strides, pads, dimension_numbers=_NHWC, feature_group_count=x.shape[3] // w.shape[2]
+  )
 
 
 # --- public ------------------------------------------------------------------------
 
 
 def conv(x: jax.Array, w: jax.Array, strides=(1, 1), pads=((0, 0), (0, 0))) -> jax.Array:
-  """`lax.conv_general_dilated(x, w, strides, pads)` of `x` `(N, H, W, C)` float32 and
-  `w` `(d_h, d_w, C, T)` float32, padding `pads = ((lo, hi), (lo, hi))`, `(N, H', W', T)`
-  out: oneDNN where lowered for the CPU, XLA's convolution elsewhere. Differentiable in
-  both arguments (oneDNN's backward-data and backward-weights primitives on the CPU)."""
+  """`lax.conv_general_dilated(x, w, strides, pads, feature_group_count=C // C_g)` of `x`
+  `(N, H, W, C)` float32 and `w` `(d_h, d_w, C_g, T)` float32 (`C / C_g` groups: `C_g = C`
+  one, `C_g = 1` depthwise), padding `pads = ((lo, hi), (lo, hi))`, `(N, H', W', T)` out:
+  oneDNN where lowered for the CPU, XLA's convolution elsewhere. Differentiable in both
+  arguments (oneDNN's backward-data and backward-weights primitives on the CPU)."""
+  if x.ndim != 4 or w.ndim != 4:
+    raise ValueError(f"onednn.conv: x and w must be 4-D, got shapes {x.shape} and {w.shape}.")
+  c, c_g, t = x.shape[3], w.shape[2], w.shape[3]
+  if c_g < 1 or c % c_g or t % (c // c_g):
+    raise ValueError(
+      f"onednn.conv: w.shape[2] = {c_g} must divide x's {c} channels into groups that also"
+      f" divide w's {t} output channels."
+    )
   strides = tuple(int(s) for s in strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
   return lax.platform_dependent(
@@ -277,7 +289,9 @@ def supported(
     return False
   if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
     return False
-  if feature_group_count != 1 or batch_group_count != 1 or out_sharding is not None:
+  if batch_group_count != 1 or out_sharding is not None:
+    return False
+  if feature_group_count * rhs.shape[2] != lhs.shape[3]:
     return False
   return all(p >= 0 for pair in pads for p in pair)
 
