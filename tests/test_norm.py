@@ -127,3 +127,40 @@ def test_bad_shapes_are_refused():
     norm.batch_norm(x, jnp.ones(3), jnp.zeros(4), 1e-5)
   with pytest.raises(ValueError, match="batch and a channel axis"):
     norm.batch_norm(jnp.zeros(4), jnp.ones(4), jnp.zeros(4), 1e-5)
+
+
+def test_off_the_cpu_the_module_runs_flax_formula():
+  """Lowered for a GPU or TPU, `train_batch_norm` is Flax's formula (the branch below),
+  which equals `nnx.BatchNorm`'s training output and gradients on the same input; the
+  module exports for cuda and tpu."""
+  with jax.enable_x64(False):
+    _, flax = _pair(5)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((6, 4, 4, 5)) * 3 + 2, jnp.float32)
+    scale, bias = flax.scale[...], flax.bias[...]
+
+    def ours(x, s, b):
+      return norm._flax_formula(x, s, b, 1e-5, True)
+
+    def theirs(x, s, b):
+      m = nnx.clone(flax)
+      m.scale[...], m.bias[...] = s, b
+      return m(x, use_running_average=False)
+
+    y, vjp = jax.vjp(lambda *a: ours(*a)[0], x, scale, bias)
+    y1, vjp1 = jax.vjp(theirs, x, scale, bias)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y1), rtol=1e-6, atol=1e-6)
+    ct = jnp.cos(y1)
+    for a, b in zip(vjp(ct), vjp1(ct), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+    model, _ = _pair(5)
+    g, st = nnx.split(model)
+
+    def loss(st, x):
+      m = nnx.merge(g, st)
+      m.train()
+      return jnp.sum(jnp.sin(m(x)))
+
+    for platform in ("cuda", "tpu"):
+      exp = jax.export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=(platform,))(st, x)
+      assert exp.platforms == (platform,)

@@ -22,6 +22,10 @@ ResNet-20's gradients 1.3e-3 normwise from float64 with oneDNN convs, 8.5e-7 two
 tests/test_norm.py). So values equal `nnx.BatchNorm`'s to rounding, not bit for bit, and
 the running variance is the more accurate one. The backward reads `x` again (it keeps `x`,
 not `xhat`, as its residual: one activation-sized buffer, as autodiff keeps).
+
+`BatchNorm` takes this path where its program is lowered for the CPU
+(`lax.platform_dependent`); lowered for a GPU or TPU it runs Flax's formula, differentiated
+by JAX, as `nnx.BatchNorm` does (not measured there: no GPU has been lent to this project).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 
 def batch_norm(
@@ -105,11 +110,42 @@ def _bwd(res, cts):
 _batch_norm.defvjp(_fwd, _bwd)
 
 
+def _flax_formula(x, scale, bias, epsilon, fast_variance):
+  """`(y, mean, var)` as `nnx.BatchNorm`'s training path computes them (statistics in at
+  least float32, `E[x^2] - E[x]^2` clipped at 0 if `fast_variance`), for JAX to
+  differentiate."""
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(_stats_dtype(x))
+  mean = jnp.mean(xf, axes)
+  if fast_variance:
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axes) - jnp.square(mean))
+  else:
+    var = jnp.mean(jnp.square(xf - _row(mean, x.ndim)), axes)
+  y = xf - _row(mean, x.ndim)
+  mul = lax.rsqrt(var + epsilon) * scale.astype(xf.dtype)
+  y = y * _row(mul, x.ndim) + _row(bias.astype(xf.dtype), x.ndim)
+  return y.astype(x.dtype), mean, var
+
+
+def train_batch_norm(x, scale, bias, epsilon: float, fast_variance: bool = True):
+  """`BatchNorm`'s training path: `batch_norm` (the closed-form gradient) where lowered for
+  the CPU, Flax's formula elsewhere. `(y, mean, var)`."""
+  eps = float(epsilon)
+  return lax.platform_dependent(
+    x,
+    scale,
+    bias,
+    cpu=lambda x, s, b: batch_norm(x, s, b, eps),
+    default=lambda x, s, b: _flax_formula(x, s, b, eps, fast_variance),
+  )
+
+
 class BatchNorm(nnx.BatchNorm):
   """`nnx.BatchNorm` (same parameters, statistics and update rule; values to rounding) whose
-  training path over the last axis runs `batch_norm` above, two-pass variance whatever
-  `use_fast_variance` says (see the module docstring). Anything else (running averages,
-  a mask, a named axis, another feature axis, no scale or bias) is Flax's own code."""
+  training path over the last axis runs `train_batch_norm`: on the CPU `batch_norm` above,
+  two-pass variance whatever `use_fast_variance` says (see the module docstring); on a GPU
+  or TPU Flax's formula. Anything else (running averages, a mask, a named axis, another
+  feature axis, no scale or bias) is Flax's own code."""
 
   def __call__(self, x, use_running_average=None, *, mask=None):
     use_ra = self.use_running_average if use_running_average is None else use_running_average
@@ -126,7 +162,7 @@ class BatchNorm(nnx.BatchNorm):
     x, _, _, scale, bias = self.promote_dtype(
       (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype
     )
-    y, mean, var = batch_norm(x, scale, bias, self.epsilon)
+    y, mean, var = train_batch_norm(x, scale, bias, self.epsilon, self.use_fast_variance)
     self.mean[...] = jax.lax.stop_gradient(
       self.momentum * self.mean[...] + (1 - self.momentum) * mean
     )
