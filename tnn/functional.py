@@ -169,9 +169,25 @@ def _cp_kernel(p, ws, rank):
 
 def _cp_apply(x, p, rank, strides, padding):
   """The two depthwise convs are `d` shifted multiply-adds each (`ops.depthwise_1d`):
-  elementwise work that XLA fuses, where a grouped conv with `R` groups runs slowly."""
+  elementwise work that XLA fuses, where a grouped conv with `R` groups runs slowly.
+
+  Inside `conv_backend("onednn")` (float32) they are one `d_h x d_w` depthwise conv
+  (oneDNN's) whose kernel is each channel's outer product `a_h[:, r] a_w[:, r]`: the same
+  numbers (a separable kernel; the zero padding commutes), one op and one pass over the
+  activation fewer, `d_h d_w` multiply-adds per channel and position where `_cp_macs`
+  counts the pipeline's `d_h + d_w`. Measured (ResNet-32 CP step, 2-core CPU, both
+  compiled in one process, timed round-robin): batch 32 101.6 ms against 120.8 with two
+  oneDNN depthwise convs, batch 128 313.3 against 334.4.
+  """
   ph, pw = _split_pads(x.shape, (p["a_h"].shape[0], p["a_w"].shape[0]), strides, padding)
   y = ops.contract("nhws,sr->nhwr", x, p["a_s"])
+  if ops.current_conv_backend() == "onednn" and x.dtype == jnp.float32:
+    k = (p["a_h"][:, None, :] * p["a_w"][None, :, :])[:, :, None, :]  # (d_h, d_w, 1, R)
+    nhwc = ("NHWC", "HWIO", "NHWC")
+    y = ops.conv_general_dilated(
+      y, k, strides, (ph, pw), dimension_numbers=nhwc, feature_group_count=rank
+    )
+    return ops.contract("nhwr,tr->nhwt", y, p["a_t"])
   y = ops.depthwise_1d(y, p["a_h"], axis=1, stride=strides[0], pad=ph)  # d_h x 1
   y = ops.depthwise_1d(y, p["a_w"], axis=2, stride=strides[1], pad=pw)  # 1 x d_w
   return ops.contract("nhwr,tr->nhwt", y, p["a_t"])

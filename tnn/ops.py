@@ -217,24 +217,11 @@ def depthwise_1d(
   with `w` `(d, C)`: `y[.., i, .., c] = sum_k x_pad[.., i stride + k, .., c] w[k, c]`.
 
   The same numbers as a `(d, 1)` or `(1, d)` conv with `C` groups, computed as `d` strided
-  slices times a row of `w`: elementwise work that XLA fuses into one loop. Inside
-  `conv_backend("onednn")` (float32) it is that grouped conv, oneDNN's depthwise kernel.
+  slices times a row of `w`: elementwise work that XLA fuses into one loop.
   """
   if axis not in (1, 2):
     raise ValueError(f"depthwise_1d: axis must be 1 (H) or 2 (W), got {axis}.")
   d = w.shape[0]
-  if _conv_backend.get() == "onednn" and x.dtype == w.dtype == jnp.float32:
-    k = w.reshape((d, 1, 1, -1) if axis == 1 else (1, d, 1, -1))
-    strides = (stride, 1) if axis == 1 else (1, stride)
-    pads = (tuple(pad), (0, 0)) if axis == 1 else ((0, 0), tuple(pad))
-    return conv_general_dilated(
-      x,
-      k,
-      strides,
-      pads,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[3],
-    )
   widths = [(0, 0)] * 4
   widths[axis] = tuple(pad)
   xp = jnp.pad(x, widths)
