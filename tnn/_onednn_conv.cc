@@ -8,7 +8,7 @@
 // `feature_group_count`; oneDNN's `hwigo`.
 // One primitive per (kind, geometry), created on first use and cached for the process; the
 // kernel is reordered from HWIO to the layout oneDNN picked (format_tag::any) on each call,
-// by a plain loop over a cached table of offsets (`Scatter`): the kernels are small (at
+// by a plain loop over a cached table of offsets (`Offsets`): the kernels are small (at
 // most a few thousand floats), and oneDNN's reorder primitive spent ~0.1 ms a call starting
 // its thread team, 11 ms of a 122 ms ResNet-32 train step at batch 32 (its verbose log,
 // against PyTorch's 1 ms of reorders).
@@ -135,9 +135,6 @@ std::shared_ptr<Entry> Get(const Geometry& g, char kind) {
     e->prim = dnnl::convolution_forward(fwd);
     e->wdesc = fwd.weights_desc();
     e->scratch = fwd.scratchpad_desc();
-    e->reorder = e->wdesc != g.WUser();
-    if (e->reorder) e->reorder_prim = dnnl::reorder(memory(g.WUser(), Engine(), nullptr),
-                                                    memory(e->wdesc, Engine(), nullptr));
   } else if (kind == 'd') {
     dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.Src(),
                                             g.WAny(), g.Dst(), g.Strides(), g.PadL(), g.PadR());
@@ -145,9 +142,6 @@ std::shared_ptr<Entry> Get(const Geometry& g, char kind) {
     e->prim = dnnl::convolution_backward_data(pd);
     e->wdesc = pd.weights_desc();
     e->scratch = pd.scratchpad_desc();
-    e->reorder = e->wdesc != g.WUser();
-    if (e->reorder) e->reorder_prim = dnnl::reorder(memory(g.WUser(), Engine(), nullptr),
-                                                    memory(e->wdesc, Engine(), nullptr));
   } else {
     dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.Src(),
                                                g.WAny(), g.Dst(), g.Strides(), g.PadL(),
@@ -156,13 +150,15 @@ std::shared_ptr<Entry> Get(const Geometry& g, char kind) {
     e->prim = dnnl::convolution_backward_weights(pd);
     e->wdesc = pd.diff_weights_desc();
     e->scratch = pd.scratchpad_desc();
-    e->reorder = e->wdesc != g.WUser();
-    if (e->reorder) e->reorder_prim = dnnl::reorder(memory(e->wdesc, Engine(), nullptr),
-                                                    memory(g.WUser(), Engine(), nullptr));
   }
+  e->reorder = e->wdesc != g.WUser();
   if (e->reorder) {
     e->offset = Offsets(g, e->wdesc);
     e->zero_fill = e->wdesc.get_size() != g.WUser().get_size();
+    if (e->offset.empty()) {  // not a blocked layout: oneDNN's reorder moves the kernel
+      memory user(g.WUser(), Engine(), nullptr), prim(e->wdesc, Engine(), nullptr);
+      e->reorder_prim = kind == 'w' ? dnnl::reorder(prim, user) : dnnl::reorder(user, prim);
+    }
   }
   std::lock_guard<std::mutex> lock(mu);
   return cache.emplace(key, e).first->second;

@@ -183,10 +183,7 @@ def _cp_apply(x, p, rank, strides, padding):
   y = ops.contract("nhws,sr->nhwr", x, p["a_s"])
   if ops.current_conv_backend() == "onednn" and x.dtype == jnp.float32:
     k = (p["a_h"][:, None, :] * p["a_w"][None, :, :])[:, :, None, :]  # (d_h, d_w, 1, R)
-    nhwc = ("NHWC", "HWIO", "NHWC")
-    y = ops.conv_general_dilated(
-      y, k, strides, (ph, pw), dimension_numbers=nhwc, feature_group_count=rank
-    )
+    y = ops.conv(y, k, strides=strides, padding=(ph, pw), groups=rank)
     return ops.contract("nhwr,tr->nhwt", y, p["a_t"])
   y = ops.depthwise_1d(y, p["a_h"], axis=1, stride=strides[0], pad=ph)  # d_h x 1
   y = ops.depthwise_1d(y, p["a_w"], axis=2, stride=strides[1], pad=pw)  # 1 x d_w
