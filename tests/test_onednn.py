@@ -45,8 +45,15 @@ def _reference(x, w, strides, pads, dy):
   return (y, *vjp(dy))
 
 
+# XLA's CPU thread pool has a thread per schedulable core: a batch of at least that many
+# images is convolved in slices on XLA's threads, a smaller one by oneDNN's own threads.
+_THREADS = len(os.sched_getaffinity(0))
+
 CASES = [
   # x shape, kernel shape, strides, pads
+  ((1, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),  # one image: oneDNN's threads
+  # slices of unequal size (the kernel gradient summed over them), strided
+  ((2 * _THREADS + 1, 7, 7, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),
   ((4, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
   ((4, 8, 8, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),
   ((3, 9, 7, 5), (3, 3, 5, 4), (2, 1), ((0, 1), (2, 0))),  # odd sizes, asymmetric pads

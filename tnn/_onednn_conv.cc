@@ -12,16 +12,26 @@
 // most a few thousand floats), and oneDNN's reorder primitive spent ~0.1 ms a call starting
 // its thread team, 11 ms of a 122 ms ResNet-32 train step at batch 32 (its verbose log,
 // against PyTorch's 1 ms of reorders).
-// Thread safety: XLA may run several custom calls at once, so the cache is guarded by a
-// mutex and every call brings its own scratchpad (scratchpad_mode::user) and stream;
-// oneDNN primitives may execute concurrently given their own memory.
+// Threads: a batch is cut into slices run single-threaded on XLA's own CPU thread pool
+// (`Run`), a small one runs on oneDNN's OpenMP threads. XLA may run several custom calls
+// at once, so the cache is guarded by a mutex and every execution brings its own
+// scratchpad (scratchpad_mode::user) and stream; oneDNN primitives may execute
+// concurrently given their own memory. Primitives are cached per thread mode, oneDNN
+// fixing its thread count when it creates one.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -40,8 +50,9 @@ dnnl::engine& Engine() {
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw, g;
-  std::string Key(char kind) const {
+  std::string Key(char kind, bool seq) const {
     std::string k(1, kind);
+    k += seq ? 's' : 'p';
     for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw, g}) {
       k += ',';
       k += std::to_string(v);
@@ -120,8 +131,8 @@ std::vector<int64_t> Offsets(const Geometry& g, const memory::desc& desc) {
 std::mutex mu;
 std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
 
-std::shared_ptr<Entry> Get(const Geometry& g, char kind) {
-  std::string key = g.Key(kind);
+std::shared_ptr<Entry> Get(const Geometry& g, char kind, bool seq) {
+  std::string key = g.Key(kind, seq);
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
@@ -171,74 +182,179 @@ Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                   y[2], sh,   sw,   plh,  phh,  plw,  phw,  x[3] / w[2]};
 }
 
-ffi::Error Run(const Geometry& g, char kind, void* src, void* wts, void* dst) {
-  try {
-    auto e = Get(g, kind);
+// Sets the calling thread's OpenMP thread count for a scope.
+class OmpThreads {
+ public:
+  explicit OmpThreads(int n) : prev_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~OmpThreads() { omp_set_num_threads(prev_); }
+
+ private:
+  int prev_;
+};
+
+// The kernel `uw` (HWIO / hwigo) in the primitive's layout: `uw` itself, or a copy in `buf`.
+float* KernelIn(const Entry& e, const Geometry& g, float* uw, std::unique_ptr<float[]>& buf) {
+  if (!e.reorder) return uw;
+  buf.reset(new float[e.wdesc.get_size() / sizeof(float)]);
+  if (e.offset.empty()) {
     dnnl::stream s(Engine());
-    // Uninitialised (a vector would zero them on every call).
-    std::unique_ptr<uint8_t[]> scratch(new uint8_t[e->scratch.get_size() + 1]);
-    std::unique_ptr<uint8_t[]> wbuf(new uint8_t[e->reorder ? e->wdesc.get_size() : 1]);
-    memory user_w(g.WUser(), Engine(), wts);
-    memory prim_w(e->wdesc, Engine(), e->reorder ? wbuf.get() : wts);
-    memory sp(e->scratch, Engine(), scratch.get());
-    memory msrc(g.Src(), Engine(), src), mdst(g.Dst(), Engine(), dst);
-    const float* uw = static_cast<const float*>(wts);
-    float* pw = reinterpret_cast<float*>(wbuf.get());
-    auto to_prim = [&] {
-      if (!e->reorder) return;
-      if (e->offset.empty()) return e->reorder_prim.execute(s, user_w, prim_w);
-      if (e->zero_fill) std::memset(pw, 0, e->wdesc.get_size());
-      for (size_t k = 0; k < e->offset.size(); ++k) pw[e->offset[k]] = uw[k];
-    };
-    if (kind == 'f') {
-      to_prim();
-      e->prim.execute(s, {{DNNL_ARG_SRC, msrc}, {DNNL_ARG_WEIGHTS, prim_w},
-                          {DNNL_ARG_DST, mdst}, {DNNL_ARG_SCRATCHPAD, sp}});
-    } else if (kind == 'd') {
-      to_prim();
-      e->prim.execute(s, {{DNNL_ARG_DIFF_SRC, msrc}, {DNNL_ARG_WEIGHTS, prim_w},
-                          {DNNL_ARG_DIFF_DST, mdst}, {DNNL_ARG_SCRATCHPAD, sp}});
-    } else {
-      e->prim.execute(s, {{DNNL_ARG_SRC, msrc}, {DNNL_ARG_DIFF_WEIGHTS, prim_w},
-                          {DNNL_ARG_DIFF_DST, mdst}, {DNNL_ARG_SCRATCHPAD, sp}});
-      if (e->reorder && e->offset.empty()) {
-        e->reorder_prim.execute(s, prim_w, user_w);
-      } else if (e->reorder) {
-        s.wait();  // the kernel gradient is complete before it is gathered
-        float* out = static_cast<float*>(wts);
-        for (size_t k = 0; k < e->offset.size(); ++k) out[k] = pw[e->offset[k]];
+    memory user(g.WUser(), Engine(), uw), prim(e.wdesc, Engine(), buf.get());
+    e.reorder_prim.execute(s, user, prim);
+    s.wait();
+  } else {
+    if (e.zero_fill) std::memset(buf.get(), 0, e.wdesc.get_size());
+    for (size_t k = 0; k < e.offset.size(); ++k) buf[e.offset[k]] = uw[k];
+  }
+  return buf.get();
+}
+
+// The kernel gradient `pw` (the primitive's layout) written to `uw` in the user's layout.
+void KernelOut(const Entry& e, const Geometry& g, float* pw, float* uw) {
+  if (!e.reorder) {
+    if (pw != uw) std::memcpy(uw, pw, g.WUser().get_size());
+  } else if (e.offset.empty()) {
+    dnnl::stream s(Engine());
+    memory user(g.WUser(), Engine(), uw), prim(e.wdesc, Engine(), pw);
+    e.reorder_prim.execute(s, prim, user);
+    s.wait();
+  } else {
+    for (size_t k = 0; k < e.offset.size(); ++k) uw[k] = pw[e.offset[k]];
+  }
+}
+
+// One convolution of kind `kind` on the activations `src` / `dst` (a whole batch or a
+// slice of one, described by `g`); `uw` is the user-layout kernel ('f', 'd') or receives
+// the kernel gradient ('w'). `seq`: oneDNN single-threaded on the calling thread, else
+// with its OpenMP threads.
+void Conv(const Geometry& g, char kind, bool seq, float* src, float* uw, float* dst) {
+  std::unique_ptr<OmpThreads> one(seq ? new OmpThreads(1) : nullptr);
+  auto e = Get(g, kind, seq);
+  std::unique_ptr<float[]> wbuf;
+  float* pw = kind == 'w' ? uw : KernelIn(*e, g, uw, wbuf);
+  if (kind == 'w' && e->reorder) {
+    wbuf.reset(new float[e->wdesc.get_size() / sizeof(float)]);
+    pw = wbuf.get();
+  }
+  dnnl::stream s(Engine());
+  // Uninitialised (a vector would zero it on every call).
+  std::unique_ptr<uint8_t[]> scratch(new uint8_t[e->scratch.get_size() + 1]);
+  memory sp(e->scratch, Engine(), scratch.get());
+  memory msrc(g.Src(), Engine(), src), mdst(g.Dst(), Engine(), dst), mw(e->wdesc, Engine(), pw);
+  const int a_src = kind == 'd' ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC;
+  const int a_w = kind == 'w' ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS;
+  const int a_dst = kind == 'f' ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST;
+  e->prim.execute(s, {{a_src, msrc}, {a_w, mw}, {a_dst, mdst}, {DNNL_ARG_SCRATCHPAD, sp}});
+  s.wait();
+  if (kind == 'w') KernelOut(*e, g, pw, uw);
+}
+
+// Slices 0..parts-1 of a job, claimed one at a time by whichever thread asks first: the
+// caller and the helpers it scheduled on XLA's pool. The caller never waits on a slice
+// nobody has started (it claims those itself), so a busy or absent pool cannot deadlock
+// it; a helper that arrives after every slice is claimed returns at once, touching only
+// this object (kept alive by its shared_ptr, `body` not called).
+struct Slices {
+  explicit Slices(int64_t n) : parts(n) {}
+  const int64_t parts;
+  std::function<void(int64_t)> body;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  std::string error;  // the first slice's failure, guarded by mu
+
+  void Work() {
+    for (int64_t p; (p = next.fetch_add(1)) < parts;) {
+      try {
+        body(p);
+      } catch (const std::exception& err) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (error.empty()) error = err.what();
+      }
+      if (done.fetch_add(1) + 1 == parts) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
       }
     }
-    s.wait();
+  }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [this] { return done.load() == parts; });
+  }
+};
+
+// Threading. A batch of at least as many images as XLA's CPU thread pool has threads is
+// cut into that many slices (sizes differing by at most one), each run by oneDNN
+// single-threaded on one of XLA's own threads; the kernel gradient is the sum of the
+// slices' in slice order. Smaller batches (and a pool of one thread) run as one oneDNN
+// call on its OpenMP threads. Why: Debian's oneDNN threads with OpenMP, a second pool
+// beside XLA's. Handing the cores from one pool to the other cost ~0.25 ms at each
+// XLA<->oneDNN switch (a chain of ten 3x3 convs at batch 32 ran 0.51 ms a conv, 0.90
+// with a ReLU between each), which was half the oneDNN time inside a ResNet-32 train
+// step. On XLA's threads the convolutions and XLA's own fusions share one pool.
+ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, char kind, void* src, void* wts,
+               void* dst) {
+  try {
+    const int64_t threads = pool.num_threads();
+    float* fsrc = static_cast<float*>(src);
+    float* fdst = static_cast<float*>(dst);
+    float* uw = static_cast<float*>(wts);
+    if (threads < 2 || g.n < threads) {
+      Conv(g, kind, /*seq=*/false, fsrc, uw, fdst);
+      return ffi::Error::Success();
+    }
+    const int64_t parts = threads;
+    const size_t wsize = g.WUser().get_size() / sizeof(float);
+    // the slices' kernel gradients, slice 0's in `wts` itself
+    std::unique_ptr<float[]> partial(new float[kind == 'w' ? (parts - 1) * wsize : 1]);
+    auto job = std::make_shared<Slices>(parts);
+    job->body = [&](int64_t p) {
+      Geometry s = g;
+      s.n = g.n / parts + (p < g.n % parts ? 1 : 0);
+      const int64_t first = p * (g.n / parts) + std::min(p, g.n % parts);
+      float* w = kind == 'w' && p > 0 ? partial.get() + (p - 1) * wsize : uw;
+      Conv(s, kind, /*seq=*/true, fsrc + first * g.h * g.w * g.c, w,
+           fdst + first * g.oh * g.ow * g.o);
+    };
+    for (int64_t p = 1; p < parts; ++p) pool.Schedule([job] { job->Work(); });
+    job->Work();
+    job->Wait();
+    if (!job->error.empty()) throw std::runtime_error(job->error);
+    if (kind == 'w') {
+      for (int64_t p = 1; p < parts; ++p) {
+        const float* o = partial.get() + (p - 1) * wsize;
+        for (size_t k = 0; k < wsize; ++k) uw[k] += o[k];
+      }
+    }
   } catch (const dnnl::error& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + err.what());
   } catch (const std::exception& err) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("tensorial oneDNN conv: ") + err.what());
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("tensorial oneDNN conv: ") + err.what());
   }
   return ffi::Error::Success();
 }
 
-ffi::Error FwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t plh,
                    int64_t phh, int64_t plw, int64_t phw) {
   auto g = Make(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, plh, phh, plw, phw);
-  return Run(g, 'f', x.untyped_data(), w.untyped_data(), y->untyped_data());
+  return Run(pool, g, 'f', x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
 // dy (N, OH, OW, O), w HWIO -> dx (N, H, W, C)
-ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+ffi::Error BwdDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t plh,
                        int64_t phh, int64_t plw, int64_t phw) {
   auto g = Make(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, plh, phh, plw, phw);
-  return Run(g, 'd', dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+  return Run(pool, g, 'd', dx->untyped_data(), w.untyped_data(), dy.untyped_data());
 }
 
 // x (N, H, W, C), dy (N, OH, OW, O) -> dw HWIO
-ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+ffi::Error BwdWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t plh,
                           int64_t phh, int64_t plw, int64_t phw) {
   auto g = Make(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, plh, phh, plw, phw);
-  return Run(g, 'w', x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+  return Run(pool, g, 'w', x.untyped_data(), dw->untyped_data(), dy.untyped_data());
 }
 
 }  // namespace
@@ -253,16 +369,20 @@ ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 EXPORT_FFI(TensorialConvFwd, FwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
 EXPORT_FFI(TensorialConvBwdData, BwdDataImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
 EXPORT_FFI(TensorialConvBwdWeights, BwdWeightsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
+

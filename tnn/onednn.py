@@ -10,6 +10,13 @@ lowered for cuda or tpu, `lax.conv_general_dilated` as before. Data-parallel pro
 stay data parallel: each custom call is partitioned over the batch dimension
 (`custom_partitioning`), and the weight gradient is summed over the batch's mesh axes.
 
+Threads: the handlers run a batch of at least as many images as XLA's CPU thread pool has
+threads as that many slices, each single-threaded on one of XLA's threads (the kernel
+gradient summed over them in a fixed order), and a smaller batch on oneDNN's own OpenMP
+threads. Debian's oneDNN threads with OpenMP, a pool beside XLA's; handing the cores from
+one to the other at each custom call was half the oneDNN time in a ResNet-32 train step
+(`tnn/_onednn_conv.cc`, `Run`).
+
 Nothing happens at import. `load()` compiles the handlers once per machine (g++, the
 headers of jaxlib's FFI and of oneDNN: Debian's `libdnnl-dev`) into
 `$XDG_CACHE_HOME/tensorial` (default `~/.cache/tensorial`), loads them and registers the
@@ -73,7 +80,7 @@ def _build(cxx: str) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
   os.close(fd)
   cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
-  cmd += ["-I", include, _SOURCE, "-o", tmp, "-ldnnl"]
+  cmd += ["-I", include, _SOURCE, "-o", tmp, "-ldnnl", "-fopenmp"]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True)
   except FileNotFoundError:
