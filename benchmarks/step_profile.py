@@ -33,6 +33,7 @@ def _group(name: str) -> str:
     ("tensorial_onednn_conv_fwd", "onednn forward"),
     ("tensorial_onednn_conv_bwd_data", "onednn input gradient"),
     ("tensorial_onednn_conv_bwd_weights", "onednn kernel gradient"),
+    ("tensorial_bn_", "batchnorm sums (tensorial)"),
     ("ffi_call", "onednn (other)"),
     ("ynn", "xla ynnpack (convs, dots)"),  # XLA's CPU convolutions and dots run as YNNPACK fusions
     ("convolution", "xla convolution"),

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from tnn import norm
+from tnn import norm, onednn, ops
 
 
 def _textbook(x, scale, bias, eps):
@@ -164,3 +166,96 @@ def test_off_the_cpu_the_module_runs_flax_formula():
     for platform in ("cuda", "tpu"):
       exp = jax.export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=(platform,))(st, x)
       assert exp.platforms == (platform,)
+
+
+# --- the reductions by tensorial's CPU kernels (`native`, under conv_backend("onednn")) --
+
+_OK, _WHY = onednn.available()
+needs_kernels = pytest.mark.skipif(not _OK, reason=f"CPU kernels not available: {_WHY}")
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+  "shape,loc,spread",
+  [
+    ((2, 3, 4, 5), 0.0, 1.0),  # 24 rows: one slice on the calling thread
+    ((8, 16, 16, 16), 0.0, 1.0),  # 2048 rows: slices on XLA's threads
+    ((8, 16, 16, 4), 300.0, 0.05),  # the mean dwarfs the spread
+  ],
+)
+def test_native_reductions_match_float64_autodiff(shape, loc, spread):
+  """`native=True`: the statistics from one pass of shifted sums and the backward's two
+  sums from one pass of `dy` and `x`, against the float64 textbook, values and the VJP of
+  all three outputs."""
+  x, scale, bias, cts = _data(shape, seed=6, loc=loc, spread=spread)
+  with jax.enable_x64(True):
+    want = _vjp(lambda *a: _textbook(*a, 1e-5), x, scale, bias, cts, jnp.float64)
+    want = [np.asarray(a) for a in (*want[0], *want[1])]
+  fn = jax.jit(lambda *a: norm.batch_norm(*a, 1e-5, native=True))
+  got = _vjp(fn, x, scale, bias, cts, jnp.float32)
+  for a, b in zip((*got[0], *got[1]), want, strict=True):
+    assert a.dtype == jnp.float32
+    err = np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30)
+    assert err < (1e-3 if loc else 2e-6), err
+
+
+@needs_kernels
+def test_native_reductions_run_the_custom_calls_and_equal_xla_ones():
+  """Under conv_backend("onednn") the module's CPU program calls the two reductions
+  (`tensorial_bn_sums`, `tensorial_bn_grad_sums`), and its output and gradients equal the
+  XLA reductions' (conv_backend("xla")) to float32 rounding."""
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((4, 8, 8, 6)) * 2 + 1, jnp.float32)
+  with jax.enable_x64(False):
+    model, _ = _pair(6)
+    g, st = nnx.split(model)
+
+    def loss(st, x):
+      m = nnx.merge(g, st)
+      m.train()
+      return jnp.sum(jnp.sin(m(x)))
+
+    out = {}
+    for backend in ("xla", "onednn"):
+      with ops.conv_backend(backend):
+        f = jax.jit(jax.value_and_grad(loss, (0, 1)))
+        hlo = f.lower(st, x).as_text()
+        out[backend] = jax.tree.leaves(f(st, x))
+      assert ("tensorial_bn_sums" in hlo) == (backend == "onednn")
+      assert ("tensorial_bn_grad_sums" in hlo) == (backend == "onednn")
+    for a, b in zip(out["onednn"], out["xla"], strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+
+
+@needs_kernels
+def test_native_sums_batch_partitioned_over_two_devices():
+  """Batch-split over two devices: each device sums its rows, the sums are added across
+  devices (no gather of the activations): the same numbers as on one device."""
+  if jax.device_count() < 2:
+    pytest.skip("needs two devices (conftest forces two CPU devices)")
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  r = np.random.default_rng(8)
+  x, dy = (jnp.asarray(r.standard_normal((8, 6, 6, 4)), jnp.float32) for _ in range(2))
+  k = jnp.asarray(r.standard_normal(4), jnp.float32)
+  f = jax.jit(lambda dy, x, k: (*onednn.batch_sums(x, k), *onednn.batch_grad_sums(dy, x, k)))
+  want = f(dy, x, k)
+  split = NamedSharding(mesh, P("data"))
+  got = f(jax.device_put(dy, split), jax.device_put(x, split), k)
+  x64, dy64, k64 = (np.asarray(a, np.float64) for a in (x, dy, k))
+  exact = ((x64 - k64).sum((0, 1, 2)), ((x64 - k64) ** 2).sum((0, 1, 2)))
+  exact += (dy64.sum((0, 1, 2)), (dy64 * (x64 - k64)).sum((0, 1, 2)))
+  for a, b, e in zip(got, want, exact, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), e, rtol=1e-5, atol=1e-4)
+  hlo = f.lower(jax.device_put(dy, split), jax.device_put(x, split), k).compile().as_text()
+  assert "all-gather" not in hlo
+
+
+@needs_kernels
+def test_native_sums_refuse_bad_arrays():
+  x = jnp.zeros((2, 3, 3, 4), jnp.float32)
+  with pytest.raises(ValueError, match=r"per-channel vector must be float32 \(4,\)"):
+    onednn.batch_sums(x, jnp.zeros(3, jnp.float32))
+  with pytest.raises(ValueError, match="4-D float32"):
+    onednn.batch_sums(jnp.zeros((6, 4), jnp.float32), jnp.zeros(4, jnp.float32))
+  with pytest.raises(ValueError, match="shapes differ"):
+    onednn.batch_grad_sums(jnp.zeros((2, 3, 3, 4), jnp.float32), x[:1], jnp.zeros(4, jnp.float32))

@@ -260,26 +260,41 @@ def _normwise(a, b) -> float:
   return (d / n) ** 0.5
 
 
-def test_resnet_gradients_through_onednn_equal_xla():
+def test_resnet_gradients_through_onednn_equal_xla(monkeypatch):
   """ResNet-20 (stem, strided convs, BatchNorm in train mode) and its Tucker-2 compression:
-  the cross-entropy gradient of every parameter through oneDNN against XLA, normwise, on
-  the same input."""
-  with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+  the cross-entropy gradient of every parameter through oneDNN (and tensorial's BatchNorm
+  reductions) and through XLA, each against the float64 gradient, normwise.
+
+  With ReLU the float32 gradient is not a continuous function of rounding: a
+  pre-activation within rounding of 0 flips its unit's gradient on or off, and on this
+  input the two backends' rounding lands on either side of such kinks (measured: each
+  backend 7e-7 from float64 on one net and 8e-4 to 1.3e-3 on the other; 1e-6 noise on the
+  input moves the gradient 5e-5 to 9e-4). The kinks are not what is tested here, so the
+  models' ReLU is GELU for this test; then the gradients are 1.6e-6 to 2.2e-6 from float64
+  and 1e-6 noise moves them 4e-6 to 5e-6."""
+  monkeypatch.setattr(jax.nn, "relu", jax.nn.gelu)
+  with jax.numpy_dtype_promotion("standard"):
     r = np.random.default_rng(0)
-    x = jnp.asarray(r.standard_normal((8, 32, 32, 1)).astype(np.float32))
+    x = np.asarray(r.standard_normal((8, 32, 32, 1)).astype(np.float32))
     labels = jnp.asarray(r.integers(0, 10, (8,), dtype=np.int32))
     for model in _models():
       g, p, rest = nnx.split(model, nnx.Param, ...)
 
-      def loss(p, backend, g=g, rest=rest):
+      def loss(p, rest, x, backend, g=g):
         m = nnx.merge(g, p, rest, copy=True)
         m.train()
         with ops.conv_backend(backend):
           logits = m(x)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
-      grads = {b: jax.jit(jax.grad(lambda p, b=b: loss(p, b)))(p) for b in ("xla", "onednn")}
-      assert _normwise(grads["onednn"], grads["xla"]) < 1e-5  # measured 1.2e-6 (Tucker-2)
+      def f64(t):
+        return jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, t)
+
+      grad = jax.jit(jax.grad(loss), static_argnums=3)
+      want = grad(f64(p), f64(rest), x.astype(np.float64), "xla")
+      for backend in ("xla", "onednn"):
+        got = grad(p, rest, jnp.asarray(x), backend)
+        assert _normwise(got, want) < 1e-5, backend
 
 
 def _step_results(model, cpu_conv):

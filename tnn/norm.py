@@ -23,14 +23,24 @@ The variance is two-pass, `E[(x - mean)^2]`, in at least float32; Flax's default
 `E[x^2] - E[x]^2` (`use_fast_variance`), one pass fewer. The closed form needs the
 accurate one: it assumes `var` is the variance of the `x` it sees, and with the one-pass
 estimate a channel whose mean is large against its spread gets a wrong gradient
-(tests/test_norm.py: mean 300, spread 0.05). On a random ResNet-20 with oneDNN convs the
-gradient was 1.3e-3 normwise from float64 with the one-pass variance and 8.5e-7 two-pass,
-but with the two-pass variance and `y` computed as `(x - mean) * mul + bias` instead of
-`x a + c` the oneDNN gradient is again 1.3e-3 from the XLA one: that net's comparison flips
-on rounding (a discrete event), so it is no evidence either way. So values equal
+(tests/test_norm.py: mean 300, spread 0.05). (A random ResNet-20's float32 gradient is no
+evidence either way: with ReLU it jumps by up to 1e-3 normwise as rounding moves a
+pre-activation across 0, tests/test_onednn.py.) So values equal
 `nnx.BatchNorm`'s to rounding, not bit for bit, and the running variance is the more
 accurate one. The backward reads `x` again (it keeps `x`, not `xhat`, as its residual: one
 activation-sized buffer, as autodiff keeps).
+
+Under `tnn.ops.conv_backend("onednn")` (the train steps' `cpu_conv="onednn"`) the
+reductions of a 4-D float32 `x` run as tensorial's CPU kernels (`tnn.onednn.batch_sums`,
+`batch_grad_sums`), one pass each: the statistics from sums of `x - k` and `(x - k)^2` with
+`k = x[0, 0, 0]`, one of the batch's own values a channel, so that the subtraction
+`E[(x - k)^2] - E[x - k]^2` cancels no more than the spread of the batch (the mean-300
+channel passes the same float64 check); the backward's `sum(dy)` and
+`sum(dy * (x - mean))`, the latter times `rsqrt(var + eps)` being `dscale`. XLA's own
+reductions materialize `x - mean` and `xhat` for their YNNPACK reductions; the ResNet-32
+train step at batch 32 spent 15 ms in those reductions and 8 ms writing the two
+intermediates, against 7.7 ms in the kernels (`benchmarks/step_profile.py`, 99.5 -> 87.9
+ms a step). Elsewhere (`conv_backend("xla")`, other dtypes or ranks) XLA's reductions.
 
 `BatchNorm` takes this path where its program is lowered for the CPU
 (`lax.platform_dependent`); lowered for a GPU or TPU it runs Flax's formula, differentiated
@@ -39,20 +49,25 @@ by JAX, as `nnx.BatchNorm` does (not measured there: no GPU has been lent to thi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from tnn import ops
+
 
 def batch_norm(
-  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, native: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode BatchNorm over every axis but the last: `(y, mean, var)`.
 
   `y = (x - mean) * rsqrt(var + epsilon) * scale + bias` with the batch's biased `var`.
   `y` has `x`'s dtype; the statistics are computed in float32 (float64 for float64 `x`)
-  and returned in it.
+  and returned in it. `native`: the reductions of a 4-D float32 `x` by tensorial's CPU
+  kernels (`tnn.onednn.batch_sums`, `batch_grad_sums`; a program lowered for the CPU only).
   """
   if x.ndim < 2:
     raise ValueError(f"batch_norm: x must have a batch and a channel axis, got shape {x.shape}.")
@@ -60,7 +75,7 @@ def batch_norm(
   for name, v in (("scale", scale), ("bias", bias)):
     if v.shape != (c,):
       raise ValueError(f"batch_norm: {name} must have shape ({c},), got {v.shape}.")
-  return _batch_norm(x, scale, bias, float(epsilon))
+  return _batch_norm(x, scale, bias, float(epsilon), bool(native) and _native(x))
 
 
 def _row(v, ndim):
@@ -72,12 +87,30 @@ def _stats_dtype(x):
   return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
 
-def _forward(x, scale, bias, epsilon):
-  """`_batch_norm`'s forward rule (`y = x a + c`, one multiply-add an element)."""
-  axes = tuple(range(x.ndim - 1))
-  xf = x.astype(_stats_dtype(x))
+def _native(x) -> bool:
+  """Whether tensorial's CPU kernels compute the reductions (see the module docstring)."""
+  return x.ndim == 4 and x.dtype == jnp.float32
+
+
+def _statistics(xf, native):
+  """The batch's per-channel mean and biased variance of `xf` (float32 or float64)."""
+  axes = tuple(range(xf.ndim - 1))
+  if native:
+    from tnn import onednn
+
+    k = xf[0, 0, 0]  # one of the batch's own values a channel: the sums' shift
+    s1, s2 = onednn.batch_sums(xf, k)
+    n = xf.size // xf.shape[-1]
+    d = s1 / n
+    return k + d, jnp.maximum(s2 / n - d * d, 0.0)
   mean = jnp.mean(xf, axes)
-  var = jnp.mean(jnp.square(xf - _row(mean, x.ndim)), axes)
+  return mean, jnp.mean(jnp.square(xf - _row(mean, xf.ndim)), axes)
+
+
+def _forward(x, scale, bias, epsilon, native):
+  """`_batch_norm`'s forward rule (`y = x a + c`, one multiply-add an element)."""
+  xf = x.astype(_stats_dtype(x))
+  mean, var = _statistics(xf, native)
   inv = jax.lax.rsqrt(var + epsilon)
   a = scale.astype(xf.dtype) * inv
   c = bias.astype(xf.dtype) - mean * a
@@ -85,12 +118,12 @@ def _forward(x, scale, bias, epsilon):
   return (y, mean, var), (x, mean, inv, scale, bias)
 
 
-@jax.custom_vjp
-def _batch_norm(x, scale, bias, epsilon):
-  return _forward(x, scale, bias, epsilon)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm(x, scale, bias, epsilon, native):
+  return _forward(x, scale, bias, epsilon, native)[0]
 
 
-def _bwd(res, cts):
+def _bwd(epsilon, native, res, cts):
   x, mean, inv, scale, bias = res
   dy, dmean, dvar = cts
   axes = tuple(range(x.ndim - 1))
@@ -99,8 +132,14 @@ def _bwd(res, cts):
   dyf = dy.astype(mean.dtype)
   nd = x.ndim
   xhat = (xf - _row(mean, nd)) * _row(inv, nd)
-  dbias = jnp.sum(dyf, axes)
-  dscale = jnp.sum(dyf * xhat, axes)
+  if native:
+    from tnn import onednn
+
+    dbias, dscale = onednn.batch_grad_sums(dyf, xf, mean)
+    dscale = dscale * inv
+  else:
+    dbias = jnp.sum(dyf, axes)
+    dscale = jnp.sum(dyf * xhat, axes)
   a = scale.astype(mean.dtype) * inv
   # the statistics' own cotangents: d mean / dx = 1/n, d var / dx = 2 (x - mean) / n
   dx = _row(a, nd) * (dyf - _row(dbias / n, nd) - xhat * _row(dscale / n, nd))
@@ -109,7 +148,6 @@ def _bwd(res, cts):
     dx.astype(x.dtype),
     dscale.astype(scale.dtype),
     dbias.astype(bias.dtype),
-    None,
   )
 
 
@@ -137,11 +175,12 @@ def train_batch_norm(x, scale, bias, epsilon: float, fast_variance: bool = True)
   """`BatchNorm`'s training path: `batch_norm` (the closed-form gradient) where lowered for
   the CPU, Flax's formula elsewhere. `(y, mean, var)`."""
   eps = float(epsilon)
+  native = ops.current_conv_backend() == "onednn"
   return lax.platform_dependent(
     x,
     scale,
     bias,
-    cpu=lambda x, s, b: batch_norm(x, s, b, eps),
+    cpu=lambda x, s, b: batch_norm(x, s, b, eps, native),
     default=lambda x, s, b: _flax_formula(x, s, b, eps, fast_variance),
   )
 

@@ -4,7 +4,7 @@ XLA's CPU backend runs the 3x3 convolutions of a CIFAR ResNet 2-5x slower than t
 oneDNN kernels PyTorch calls, and its weight gradient adds a transpose of every
 activation (README, "Measured: layers"). This module runs a float32 NHWC/HWIO convolution,
 its input gradient and its weight gradient as oneDNN primitives inside the jitted
-program, through three XLA FFI handlers (`tnn/_onednn_conv.cc`). It is chosen where the
+program, through three XLA FFI handlers (`tnn/_cpu_kernels.cc`). It is chosen where the
 program is lowered, with `lax.platform_dependent`: lowered for the CPU, the custom calls;
 lowered for cuda or tpu, `lax.conv_general_dilated` as before. Data-parallel programs
 stay data parallel: each custom call is partitioned over the batch dimension
@@ -15,7 +15,11 @@ threads as that many slices, each single-threaded on one of XLA's threads (the k
 gradient summed over them in a fixed order), and a smaller batch on oneDNN's own OpenMP
 threads. Debian's oneDNN threads with OpenMP, a pool beside XLA's; handing the cores from
 one to the other at each custom call was half the oneDNN time in a ResNet-32 train step
-(`tnn/_onednn_conv.cc`, `Run`).
+(`tnn/_cpu_kernels.cc`, `Run`).
+
+The same library holds BatchNorm's two per-channel reductions (`batch_sums`,
+`batch_grad_sums`: one pass over the activations on XLA's threads), which `tnn.norm` calls
+under `conv_backend("onednn")`.
 
 Nothing happens at import. `load()` compiles the handlers once per machine (g++, the
 headers of jaxlib's FFI and of oneDNN: Debian's `libdnnl-dev`) into
@@ -47,11 +51,13 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_onednn_conv.cc")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cpu_kernels.cc")
 _TARGETS = {
   "fwd": ("tensorial_onednn_conv_fwd", "TensorialConvFwd"),
   "bwd_data": ("tensorial_onednn_conv_bwd_data", "TensorialConvBwdData"),
   "bwd_weights": ("tensorial_onednn_conv_bwd_weights", "TensorialConvBwdWeights"),
+  "bn_sums": ("tensorial_bn_sums", "TensorialBnSums"),
+  "bn_grad_sums": ("tensorial_bn_grad_sums", "TensorialBnGradSums"),
 }
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _lock = threading.Lock()
@@ -79,7 +85,7 @@ def _build(cxx: str) -> str:
   os.makedirs(_cache_dir(), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
   os.close(fd)
-  cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+  cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
   cmd += ["-I", include, _SOURCE, "-o", tmp, "-ldnnl", "-fopenmp"]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -240,6 +246,79 @@ def _xla_conv(x, w, strides, pads):
   return lax.conv_general_dilated(
     x, w, strides, pads, dimension_numbers=_NHWC, feature_group_count=x.shape[3] // w.shape[2]
   )
+
+
+# --- BatchNorm's reductions (tnn.norm) ------------------------------------------------
+
+
+def _sums_call(which: str, *args):
+  c = args[0].shape[-1]
+  out = (jax.ShapeDtypeStruct((c,), np.float32),) * 2
+  return jax.ffi.ffi_call(_TARGETS[which][0], out)(*args)
+
+
+@functools.cache
+def _partitioned_sums(which: str):
+  """`which`'s custom call over a batch-split operand: each shard's sums, then summed over
+  the batch's mesh axes (the per-channel operand replicated)."""
+  rule = {"bn_sums": "n h w c, c -> c, c", "bn_grad_sums": "n h w c, n h w c, c -> c, c"}
+
+  @custom_partitioning
+  def call(*args):
+    return _sums_call(which, *args)
+
+  def shardings(mesh, arg_shapes):
+    ax = _batch_axes(arg_shapes[0].sharding)
+    args = tuple(NamedSharding(mesh, P(ax) if len(a.shape) > 1 else P()) for a in arg_shapes)
+    return ax, args, (NamedSharding(mesh, P()),) * 2
+
+  def partition(mesh, arg_shapes, result_shape):
+    ax, args, out = shardings(mesh, arg_shapes)
+
+    def lower(*a):
+      sums = _sums_call(which, *a)
+      return tuple(lax.psum(v, ax) for v in sums) if ax is not None else sums
+
+    return mesh, lower, out, args
+
+  def infer(mesh, arg_shapes, result_shape):
+    return shardings(mesh, arg_shapes)[2]
+
+  call.def_partition(
+    partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule[which]
+  )
+  return call
+
+
+def _check_sums_args(name, arrays, c_arg):
+  for a in arrays:
+    if a.ndim != 4 or a.dtype != np.float32:
+      raise ValueError(f"onednn.{name}: needs 4-D float32 arrays, got {a.dtype}{a.shape}.")
+  if arrays[-1].shape != arrays[0].shape:
+    raise ValueError(
+      f"onednn.{name}: the arrays' shapes differ: {arrays[0].shape} and {arrays[-1].shape}."
+    )
+  if c_arg.shape != (arrays[0].shape[-1],) or c_arg.dtype != np.float32:
+    raise ValueError(
+      f"onednn.{name}: the per-channel vector must be float32 ({arrays[0].shape[-1]},), got"
+      f" {c_arg.dtype}{c_arg.shape}."
+    )
+
+
+def batch_sums(x: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(sum(x - k), sum((x - k)**2))` over every axis but the last of `x` `(N, H, W, C)`
+  float32, `k` `(C,)`: one pass over `x`, on XLA's threads; accumulated in float within
+  blocks of 32 rows and in double across them. Lowered for the CPU only (`tnn.norm` calls
+  it inside its CPU branch). Batch-split `x` is summed per device, then across devices."""
+  _check_sums_args("batch_sums", (x,), k)
+  return _partitioned_sums("bn_sums")(x, k)
+
+
+def batch_grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(sum(dy), sum(dy * (x - mean)))` over every axis but the last, as `batch_sums`: one
+  pass over `dy` and `x` (`(N, H, W, C)` float32), `mean` `(C,)`. CPU only."""
+  _check_sums_args("batch_grad_sums", (dy, x), mean)
+  return _partitioned_sums("bn_grad_sums")(dy, x, mean)
 
 
 # --- public ------------------------------------------------------------------------

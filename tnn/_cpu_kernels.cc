@@ -1,4 +1,5 @@
-// oneDNN convolutions as XLA FFI handlers (CPU): NHWC activations, HWIO kernels, float32.
+// tensorial's CPU kernels as XLA FFI handlers: oneDNN convolutions (NHWC activations,
+// HWIO kernels, float32) and BatchNorm's per-channel reductions (at the end).
 //
 // Three handlers, each a custom call of tnn/onednn.py: the forward convolution, its input
 // gradient (backward data) and its kernel gradient (backward weights). Attributes: the
@@ -282,6 +283,17 @@ struct Slices {
   }
 };
 
+// Runs body(0) .. body(parts - 1) on the caller and XLA's pool; rethrows the first failure.
+void ParallelSlices(ffi::ThreadPool& pool, int64_t parts,
+                    const std::function<void(int64_t)>& body) {
+  auto job = std::make_shared<Slices>(parts);
+  job->body = body;
+  for (int64_t p = 1; p < parts; ++p) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  job->Wait();
+  if (!job->error.empty()) throw std::runtime_error(job->error);
+}
+
 // Threading. A batch of at least as many images as XLA's CPU thread pool has threads is
 // cut into that many slices (sizes differing by at most one), each run by oneDNN
 // single-threaded on one of XLA's own threads; the kernel gradient is the sum of the
@@ -306,19 +318,14 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, char kind, void* src, v
     const size_t wsize = g.WUser().get_size() / sizeof(float);
     // the slices' kernel gradients, slice 0's in `wts` itself
     std::unique_ptr<float[]> partial(new float[kind == 'w' ? (parts - 1) * wsize : 1]);
-    auto job = std::make_shared<Slices>(parts);
-    job->body = [&](int64_t p) {
+    ParallelSlices(pool, parts, [&](int64_t p) {
       Geometry s = g;
       s.n = g.n / parts + (p < g.n % parts ? 1 : 0);
       const int64_t first = p * (g.n / parts) + std::min(p, g.n % parts);
       float* w = kind == 'w' && p > 0 ? partial.get() + (p - 1) * wsize : uw;
       Conv(s, kind, /*seq=*/true, fsrc + first * g.h * g.w * g.c, w,
            fdst + first * g.oh * g.ow * g.o);
-    };
-    for (int64_t p = 1; p < parts; ++p) pool.Schedule([job] { job->Work(); });
-    job->Work();
-    job->Wait();
-    if (!job->error.empty()) throw std::runtime_error(job->error);
+    });
     if (kind == 'w') {
       for (int64_t p = 1; p < parts; ++p) {
         const float* o = partial.get() + (p - 1) * wsize;
@@ -332,6 +339,105 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, char kind, void* src, v
                       std::string("tensorial oneDNN conv: ") + err.what());
   }
   return ffi::Error::Success();
+}
+
+// --- BatchNorm's reductions (tnn/norm.py) ------------------------------------------
+//
+// Per-channel sums over every axis but the last of channels-last float32 arrays, in one
+// pass: (x - k) and (x - k)^2 for a shift k (the forward's statistics), dy and
+// dy * (x - mean) (the backward's). The rows are cut into slices on XLA's threads as the
+// convolutions are; within a slice, blocks of kBlock rows are summed in float (vectorized
+// over the channels) and the blocks' sums added in double; the slices' in slice order.
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kMinRowsPerSlice = 512;
+
+// s1[j] += sum_i a(i, j), s2[j] += sum_i a(i, j) * b(i, j) over rows [r0, r1), where
+// a = x - k and b = a (`square`), or a = dy and b = x - k.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void BlockSums(
+    const float* __restrict x, const float* __restrict dy, const float* __restrict k,
+    int64_t r0, int64_t r1, int64_t c, double* __restrict s1, double* __restrict s2) {
+  std::unique_ptr<float[]> buf(new float[2 * c]);
+  float* __restrict b1 = buf.get();
+  float* __restrict b2 = buf.get() + c;
+  for (int64_t r = r0; r < r1; r += kBlock) {
+    std::fill(b1, b1 + 2 * c, 0.0f);
+    const int64_t e = std::min(r1, r + kBlock);
+    if (dy == nullptr) {
+      for (int64_t i = r; i < e; ++i) {
+        const float* __restrict row = x + i * c;
+        for (int64_t j = 0; j < c; ++j) {
+          const float d = row[j] - k[j];
+          b1[j] += d;
+          b2[j] += d * d;
+        }
+      }
+    } else {
+      for (int64_t i = r; i < e; ++i) {
+        const float* __restrict row = x + i * c;
+        const float* __restrict g = dy + i * c;
+        for (int64_t j = 0; j < c; ++j) {
+          b1[j] += g[j];
+          b2[j] += g[j] * (row[j] - k[j]);
+        }
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      s1[j] += b1[j];
+      s2[j] += b2[j];
+    }
+  }
+}
+
+ffi::Error Sums(ffi::ThreadPool& pool, const float* x, const float* dy, const float* k,
+                int64_t rows, int64_t c, float* o1, float* o2) {
+  try {
+    const int64_t threads = pool.num_threads();
+    const int64_t parts =
+        std::max<int64_t>(1, std::min<int64_t>(threads, rows / kMinRowsPerSlice));
+    std::vector<double> acc(2 * c * parts, 0.0);
+    auto body = [&](int64_t p) {
+      const int64_t r0 = p * (rows / parts) + std::min(p, rows % parts);
+      const int64_t r1 = r0 + rows / parts + (p < rows % parts ? 1 : 0);
+      double* a = acc.data() + 2 * c * p;
+      BlockSums(x, dy, k, r0, r1, c, a, a + c);
+    };
+    if (parts == 1) {
+      body(0);
+    } else {
+      ParallelSlices(pool, parts, body);
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      double t1 = 0.0, t2 = 0.0;
+      for (int64_t p = 0; p < parts; ++p) {
+        t1 += acc[2 * c * p + j];
+        t2 += acc[2 * c * p + c + j];
+      }
+      o1[j] = static_cast<float>(t1);
+      o2[j] = static_cast<float>(t2);
+    }
+  } catch (const std::exception& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("tensorial BatchNorm sums: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+// x (..., C), k (C) -> sum (x - k), sum (x - k)^2 over every axis but the last
+ffi::Error BnSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                      ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
+  const int64_t c = k.element_count();
+  return Sums(pool, x.typed_data(), nullptr, k.typed_data(), x.element_count() / c, c,
+              s1->typed_data(), s2->typed_data());
+}
+
+// dy (..., C), x (..., C), mean (C) -> sum dy, sum dy * (x - mean)
+ffi::Error BnGradSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                          ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                          ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
+  const int64_t c = mean.element_count();
+  return Sums(pool, x.typed_data(), dy.typed_data(), mean.typed_data(), x.element_count() / c,
+              c, s1->typed_data(), s2->typed_data());
 }
 
 ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -386,3 +492,18 @@ EXPORT_FFI(TensorialConvBwdWeights, BwdWeightsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
 
+EXPORT_FFI(TensorialBnSums, BnSumsImpl,
+           ffi::Ffi::Bind()
+               .Ctx<ffi::ThreadPool>()
+               .Arg<ffi::Buffer<ffi::F32>>()
+               .Arg<ffi::Buffer<ffi::F32>>()
+               .Ret<ffi::Buffer<ffi::F32>>()
+               .Ret<ffi::Buffer<ffi::F32>>());
+EXPORT_FFI(TensorialBnGradSums, BnGradSumsImpl,
+           ffi::Ffi::Bind()
+               .Ctx<ffi::ThreadPool>()
+               .Arg<ffi::Buffer<ffi::F32>>()
+               .Arg<ffi::Buffer<ffi::F32>>()
+               .Arg<ffi::Buffer<ffi::F32>>()
+               .Ret<ffi::Buffer<ffi::F32>>()
+               .Ret<ffi::Buffer<ffi::F32>>());
