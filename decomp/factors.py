@@ -97,7 +97,15 @@ def _(f: TT) -> jax.Array:
 
 @reconstruct.register
 def _(f: TR) -> jax.Array:
-  return jnp.trace(_chain(f.cores), axis1=0, axis2=-1)
+  """The ring closed by the last contraction: `_chain` of all cores but the last, then one
+  contraction over both ring indices with the last core. (The trace of the full chain,
+  `jnp.trace`, materialized an `R_0 x ... x R_0` array and, differentiated, a masked copy
+  of it: 9 MB a 64-channel 3x3 kernel at R_0 = 8.)"""
+  *head, last = f.cores
+  if not head:
+    return jnp.trace(last, axis1=0, axis2=-1)
+  x = _chain(head)  # (R_0, I_1, ..., I_{N-1}, R_{N-1}); last: (R_{N-1}, I_N, R_0)
+  return jnp.tensordot(x, last, axes=((x.ndim - 1, 0), (0, 2)), precision=HIGHEST)
 
 
 @reconstruct.register
