@@ -21,6 +21,7 @@
 // fixing its thread count when it creates one.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -43,6 +44,20 @@ using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 
 namespace {
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+#if defined(__x86_64__)
+#define TNN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TNN_CLONES
+#endif
 
 dnnl::engine& Engine() {
   static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
@@ -255,6 +270,7 @@ void Conv(const Geometry& g, char kind, bool seq, float* src, float* uw, float* 
 // it; a helper that arrives after every slice is claimed returns at once, touching only
 // this object (kept alive by its shared_ptr, `body` not called).
 struct Slices {
+  static constexpr std::chrono::microseconds kSpin{1000};
   explicit Slices(int64_t n) : parts(n) {}
   const int64_t parts;
   std::function<void(int64_t)> body;
@@ -277,7 +293,16 @@ struct Slices {
       }
     }
   }
+  // Spins up to kSpin before sleeping: a slice on another thread is usually done within
+  // microseconds of the caller's, and sleeping on the condition variable then waking cost
+  // ~25 us a call (a 1x1 conv of 4 channels at batch 32: 58 us a call blocking at once,
+  // 30 spinning; ResNet-32 train step, batch 32: dense 73.6 -> 69.0 ms, TR 93.6 -> 81.6).
   void Wait() {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 1; done.load(std::memory_order_acquire) != parts; ++i) {
+      CpuRelax();
+      if (i % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+    }
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [this] { return done.load() == parts; });
   }
@@ -354,7 +379,7 @@ constexpr int64_t kMinRowsPerSlice = 512;
 
 // s1[j] += sum_i a(i, j), s2[j] += sum_i a(i, j) * b(i, j) over rows [r0, r1), where
 // a = x - k and b = a (`square`), or a = dy and b = x - k.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void BlockSums(
+TNN_CLONES void BlockSums(
     const float* __restrict x, const float* __restrict dy, const float* __restrict k,
     int64_t r0, int64_t r1, int64_t c, double* __restrict s1, double* __restrict s2) {
   std::unique_ptr<float[]> buf(new float[2 * c]);

@@ -45,7 +45,8 @@ class StepConfig:
   flip: bool = False
   label_smoothing: float = 0.0
   compute_dtype: str = "float32"
-  # Who runs the convolutions where the step is lowered for the CPU (`tnn.ops.CONV_BACKENDS`).
+  # Who runs the convolutions where the step is lowered for the CPU (`tnn.ops.CONV_BACKENDS`);
+  # "onednn" also runs BatchNorm's reductions as tensorial's CPU kernels (`tnn.norm`).
   cpu_conv: str = "xla"
   # DeepTwist: distort every `sd` steps (after the update of steps sd, 2 sd, ...:
   # `is_distortion`).
