@@ -241,10 +241,11 @@ void KernelOut(const Entry& e, const Geometry& g, float* pw, float* uw) {
 // One convolution of kind `kind` on the activations `src` / `dst` (a whole batch or a
 // slice of one, described by `g`); `uw` is the user-layout kernel ('f', 'd') or receives
 // the kernel gradient ('w'). `seq`: oneDNN single-threaded on the calling thread, else
-// with its OpenMP threads.
-void Conv(const Geometry& g, char kind, bool seq, float* src, float* uw, float* dst) {
+// with its OpenMP threads. `e`: the primitive (looked up by the caller, so that slices
+// running at once do not meet on the cache's mutex).
+void Conv(const std::shared_ptr<Entry>& e, const Geometry& g, char kind, bool seq, float* src,
+          float* uw, float* dst) {
   std::unique_ptr<OmpThreads> one(seq ? new OmpThreads(1) : nullptr);
-  auto e = Get(g, kind, seq);
   std::unique_ptr<float[]> wbuf;
   float* pw = kind == 'w' ? uw : KernelIn(*e, g, uw, wbuf);
   if (kind == 'w' && e->reorder) {
@@ -336,20 +337,30 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, char kind, void* src, v
     float* fdst = static_cast<float*>(dst);
     float* uw = static_cast<float*>(wts);
     if (threads < 2 || g.n < threads) {
-      Conv(g, kind, /*seq=*/false, fsrc, uw, fdst);
+      Conv(Get(g, kind, /*seq=*/false), g, kind, /*seq=*/false, fsrc, uw, fdst);
       return ffi::Error::Success();
     }
     const int64_t parts = threads;
+    // the slices' primitives (batch n / parts, and one more where it does not divide),
+    // created single-threaded
+    Geometry small = g, large = g;
+    small.n = g.n / parts;
+    large.n = small.n + 1;
+    std::shared_ptr<Entry> e_small, e_large;
+    {
+      OmpThreads one(1);
+      e_small = Get(small, kind, true);
+      if (g.n % parts) e_large = Get(large, kind, true);
+    }
     const size_t wsize = g.WUser().get_size() / sizeof(float);
     // the slices' kernel gradients, slice 0's in `wts` itself
     std::unique_ptr<float[]> partial(new float[kind == 'w' ? (parts - 1) * wsize : 1]);
     ParallelSlices(pool, parts, [&](int64_t p) {
-      Geometry s = g;
-      s.n = g.n / parts + (p < g.n % parts ? 1 : 0);
+      const bool big = p < g.n % parts;
       const int64_t first = p * (g.n / parts) + std::min(p, g.n % parts);
       float* w = kind == 'w' && p > 0 ? partial.get() + (p - 1) * wsize : uw;
-      Conv(s, kind, /*seq=*/true, fsrc + first * g.h * g.w * g.c, w,
-           fdst + first * g.oh * g.ow * g.o);
+      Conv(big ? e_large : e_small, big ? large : small, kind, /*seq=*/true,
+           fsrc + first * g.h * g.w * g.c, w, fdst + first * g.oh * g.ow * g.o);
     });
     if (kind == 'w') {
       for (int64_t p = 1; p < parts; ++p) {
