@@ -5,7 +5,8 @@
 The step of `benchmarks.layers` (forward, backward, SGD with momentum; `--kind` one
 `tnn.make_plan` method at `--ratio`, or dense), compiled and warmed up, then `--steps` steps
 traced with `jax.profiler` (a Perfetto trace, read back here). The executed ops' time is
-summed by group: the oneDNN custom calls (forward, input gradient, kernel gradient), XLA's
+summed by group: the oneDNN custom calls (forward, input gradient, kernel gradient),
+BatchNorm's reductions as tensorial's CPU kernels (`tnn.onednn.batch_sums`), XLA's
 YNNPACK fusions (its CPU convolutions and dots, and elementwise work fused with them), other
 convolutions, dots, transposes/copies, and the other fusions (BatchNorm, ReLU, the optimizer:
 elementwise and reductions). Per step, in ms, with the step's wall time beside

@@ -85,6 +85,18 @@ def _pair(c, **kw):
   return ours, flax
 
 
+def _state_and_loss(model):
+  """The module's state and `loss(state, x)`: the sum of `sin` of its training output."""
+  g, st = nnx.split(model)
+
+  def loss(st, x):
+    m = nnx.merge(g, st)
+    m.train()
+    return jnp.sum(jnp.sin(m(x)))
+
+  return st, loss
+
+
 def test_module_matches_nnx_batchnorm_in_train_and_eval_mode():
   with jax.enable_x64(False):
     ours, flax = _pair(5)
@@ -155,14 +167,7 @@ def test_off_the_cpu_the_module_runs_flax_formula():
     for a, b in zip(vjp(ct), vjp1(ct), strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
-    model, _ = _pair(5)
-    g, st = nnx.split(model)
-
-    def loss(st, x):
-      m = nnx.merge(g, st)
-      m.train()
-      return jnp.sum(jnp.sin(m(x)))
-
+    st, loss = _state_and_loss(_pair(5)[0])
     for platform in ("cuda", "tpu"):
       exp = jax.export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=(platform,))(st, x)
       assert exp.platforms == (platform,)
@@ -206,14 +211,7 @@ def test_native_reductions_run_the_custom_calls_and_equal_xla_ones():
   XLA reductions' (conv_backend("xla")) to float32 rounding."""
   x = jnp.asarray(np.random.default_rng(7).standard_normal((4, 8, 8, 6)) * 2 + 1, jnp.float32)
   with jax.enable_x64(False):
-    model, _ = _pair(6)
-    g, st = nnx.split(model)
-
-    def loss(st, x):
-      m = nnx.merge(g, st)
-      m.train()
-      return jnp.sum(jnp.sin(m(x)))
-
+    st, loss = _state_and_loss(_pair(6)[0])
     out = {}
     for backend in ("xla", "onednn"):
       with ops.conv_backend(backend):
