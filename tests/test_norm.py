@@ -222,6 +222,10 @@ def test_native_reductions_run_the_custom_calls_and_equal_xla_ones():
       assert ("tensorial_bn_grad_sums" in hlo) == (backend == "onednn")
     for a, b in zip(out["onednn"], out["xla"], strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+    with ops.conv_backend("onednn"):  # lowered for a GPU or TPU: no custom call
+      for platform in ("cuda", "tpu"):
+        exp = jax.export.export(jax.jit(jax.grad(loss)), platforms=(platform,))(st, x)
+        assert "tensorial_bn" not in exp.mlir_module()
 
 
 @needs_kernels
