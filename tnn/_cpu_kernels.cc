@@ -309,6 +309,11 @@ struct Slices {
   }
 };
 
+// The first of `n` items in slice p of `parts` (sizes n / parts, the first n % parts one more).
+int64_t SliceStart(int64_t n, int64_t parts, int64_t p) {
+  return p * (n / parts) + std::min(p, n % parts);
+}
+
 // Runs body(0) .. body(parts - 1) on the caller and XLA's pool; rethrows the first failure.
 void ParallelSlices(ffi::ThreadPool& pool, int64_t parts,
                     const std::function<void(int64_t)>& body) {
@@ -357,7 +362,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, char kind, void* src, v
     std::unique_ptr<float[]> partial(new float[kind == 'w' ? (parts - 1) * wsize : 1]);
     ParallelSlices(pool, parts, [&](int64_t p) {
       const bool big = p < g.n % parts;
-      const int64_t first = p * (g.n / parts) + std::min(p, g.n % parts);
+      const int64_t first = SliceStart(g.n, parts, p);
       float* w = kind == 'w' && p > 0 ? partial.get() + (p - 1) * wsize : uw;
       Conv(big ? e_large : e_small, big ? large : small, kind, /*seq=*/true,
            fsrc + first * g.h * g.w * g.c, w, fdst + first * g.oh * g.ow * g.o);
@@ -432,17 +437,11 @@ ffi::Error Sums(ffi::ThreadPool& pool, const float* x, const float* dy, const fl
     const int64_t parts =
         std::max<int64_t>(1, std::min<int64_t>(threads, rows / kMinRowsPerSlice));
     std::vector<double> acc(2 * c * parts, 0.0);
-    auto body = [&](int64_t p) {
-      const int64_t r0 = p * (rows / parts) + std::min(p, rows % parts);
-      const int64_t r1 = r0 + rows / parts + (p < rows % parts ? 1 : 0);
+    ParallelSlices(pool, parts, [&](int64_t p) {
       double* a = acc.data() + 2 * c * p;
-      BlockSums(x, dy, k, r0, r1, c, a, a + c);
-    };
-    if (parts == 1) {
-      body(0);
-    } else {
-      ParallelSlices(pool, parts, body);
-    }
+      BlockSums(x, dy, k, SliceStart(rows, parts, p), SliceStart(rows, parts, p + 1), c, a,
+                a + c);
+    });
     for (int64_t j = 0; j < c; ++j) {
       double t1 = 0.0, t2 = 0.0;
       for (int64_t p = 0; p < parts; ++p) {
@@ -509,24 +508,17 @@ ffi::Error BwdWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("plh").Attr<int64_t>("phh") \
       .Attr<int64_t>("plw").Attr<int64_t>("phw")
 
-EXPORT_FFI(TensorialConvFwd, FwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
-EXPORT_FFI(TensorialConvBwdData, BwdDataImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
-EXPORT_FFI(TensorialConvBwdWeights, BwdWeightsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() ATTRS);
+// the three conv handlers' signature: (x or dy, w or dy) -> one buffer, the six attributes
+#define CONV_BINDING                                                                    \
+  ffi::Ffi::Bind()                                                                      \
+      .Ctx<ffi::ThreadPool>()                                                           \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Ret<ffi::Buffer<ffi::F32>>() ATTRS
+
+EXPORT_FFI(TensorialConvFwd, FwdImpl, CONV_BINDING);
+EXPORT_FFI(TensorialConvBwdData, BwdDataImpl, CONV_BINDING);
+EXPORT_FFI(TensorialConvBwdWeights, BwdWeightsImpl, CONV_BINDING);
 
 EXPORT_FFI(TensorialBnSums, BnSumsImpl,
            ffi::Ffi::Bind()

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from tnn import ops
+from tnn import onednn, ops
 
 
 def batch_norm(
@@ -96,8 +96,6 @@ def _statistics(xf, native):
   """The batch's per-channel mean and biased variance of `xf` (float32 or float64)."""
   axes = tuple(range(xf.ndim - 1))
   if native:
-    from tnn import onednn
-
     k = xf[0, 0, 0]  # one of the batch's own values a channel: the sums' shift
     s1, s2 = onednn.batch_sums(xf, k)
     n = xf.size // xf.shape[-1]
@@ -133,8 +131,6 @@ def _bwd(epsilon, native, res, cts):
   nd = x.ndim
   xhat = (xf - _row(mean, nd)) * _row(inv, nd)
   if native:
-    from tnn import onednn
-
     dbias, dscale = onednn.batch_grad_sums(dyf, xf, mean)
     dscale = dscale * inv
   else:
