@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tnn
+from tnn import functional as F
 from tnn import onednn, ops
 from train import steps as steps_lib
 from train import trainer
@@ -238,6 +239,63 @@ def test_every_factorized_layer_through_onednn_equals_xla(method, forward):
       ):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize(
+  "cls, ranks", [(tnn.layers.TRConv, (3, 2, 4, 3)), (tnn.layers.TTConv, (5, 3, 4))]
+)
+@pytest.mark.parametrize("paired", [False, True])
+def test_tr_layer_through_onednn_in_both_forms_equals_float64(cls, ranks, paired, monkeypatch):
+  """A TR / TT layer under `conv_backend("onednn")` runs as the four-conv pipeline or, the
+  cores contracted pairwise first, as two convs (`tnn.functional._tr_paired`). Each form,
+  forced, against the float64 conv through the reconstructed kernel: output and the
+  gradients of the cores, the bias and the input; stride 1 and a strided 'SAME' layer,
+  batches on both threading paths (one image; slices)."""
+  monkeypatch.setattr(F, "_PAIRED_SLACK", 1e9 if paired else 0.0)
+  for (s, t, strides), n in zip(((6, 8, 1), (8, 5, 2)), (2 * _THREADS + 1, 1), strict=True):
+    layer = cls(s, t, (3, 3), ranks, strides=strides, rngs=nnx.Rngs(0))
+    layer.bias[...] = jnp.linspace(-1.0, 1.0, t, dtype=jnp.float32)
+    g, st = nnx.split(layer)
+    x = jnp.asarray(_data((n, 9, 7, s), (1, 1, 1, 1))[0])
+
+    def loss(st, x, g=g):
+      with ops.conv_backend("onednn"):
+        y = nnx.merge(g, st)(x)
+      return jnp.sum(y * jnp.sin(y)), y
+
+    f = jax.jit(jax.grad(loss, (0, 1), has_aux=True))
+    text = f.lower(st, x).as_text()
+    assert text.count("tensorial_onednn_conv_fwd") == (2 if paired else 4)
+    assert "convolution" not in text
+    got = f(st, x)
+
+    def loss64(st, x, layer=layer):
+      p = {k: st[k][...] for k in layer.names}
+      w = layer.kind.kernel(p, layer.weight_shape, layer.hyper)
+      pads = ops.pads(x.shape[1:3], (3, 3), layer.strides, "SAME")
+      y = lax.conv_general_dilated(x, w, layer.strides, pads, dimension_numbers=NHWC)
+      y = y + st["bias"][...].reshape(1, 1, 1, -1)
+      return jnp.sum(y * jnp.sin(y)), y
+
+    want = jax.grad(loss64, (0, 1), has_aux=True)(
+      jax.tree.map(lambda a: a.astype(jnp.float64), st), x.astype(jnp.float64)
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      scale = float(jnp.max(jnp.abs(b)))
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * scale)
+
+
+def test_tr_pairing_rule():
+  """ResNet-32's TR and TT layers at 25% (ranks 3/5/8, 7/14/29) run paired; a ring whose
+  pairwise products are large beside its pipeline (`R2` wide, the rest 1) does not."""
+  pads = ((1, 1), (1, 1))
+  cases = [((16, 32), (3,) * 4), ((32, 16), (5,) * 4), ((64, 8), (8,) * 4)]
+  cases += [((16, 32), (1, 7, 7, 7)), ((32, 16), (1, 14, 14, 14)), ((64, 8), (1, 29, 29, 29))]
+  cases += [((64, 8), (1, 1, 64, 1))]
+  for (c, hw), ranks in cases:
+    p = {k: jnp.zeros(sh) for k, sh in F._tr_shapes((3, 3, c, c), ranks).items()}
+    paired = F._tr_paired((32, hw, hw, c), p, ranks, (1, 1), pads)
+    assert paired == (ranks != (1, 1, 64, 1)), ranks
 
 
 def _models():
