@@ -17,8 +17,8 @@
 // (`Run`), a small one runs on oneDNN's OpenMP threads. XLA may run several custom calls
 // at once, so the cache is guarded by a mutex and every execution brings its own
 // scratchpad (scratchpad_mode::user, the executing thread's `ThreadBuffer`) and stream
-// (the thread's); oneDNN primitives may execute concurrently given their own memory. Primitives are cached per thread mode, oneDNN
-// fixing its thread count when it creates one.
+// (the thread's); oneDNN primitives may execute concurrently given their own memory.
+// Primitives are cached per thread mode, oneDNN fixing its thread count when it creates one.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
