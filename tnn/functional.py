@@ -249,7 +249,8 @@ def _tr_apply(x, p, ranks, strides, padding):
   n, h, w, _ = x.shape
   ph, pw = _split_pads(x.shape, (p["g1"].shape[1], p["g2"].shape[1]), strides, padding)
   if ops.current_conv_backend() == "onednn" and x.dtype == jnp.float32:
-    if _tr_paired(x.shape, p, ranks, strides, (ph, pw)):
+    ws = (p["g1"].shape[1], p["g2"].shape[1], x.shape[3], p["g3"].shape[1])
+    if _tr_paired(x.shape, ws, ranks, strides, (ph, pw)):
       return _tr_apply_paired(x, p, ranks, strides, (ph, pw))
     g0 = jnp.transpose(p["g0"], (1, 0, 2)).reshape(x.shape[3], r0 * r1)  # (S, R0 R1)
     y = ops.contract("nhws,sc->nhwc", x, g0)  # channels (R0, R1)
@@ -275,11 +276,11 @@ _ONEDNN_BLOCK = 16
 _PAIRED_SLACK = 1.25
 
 
-def _tr_paired(x_shape, p, ranks, strides, pads) -> bool:
+def _tr_paired(x_shape, ws, ranks, strides, padding) -> bool:
   """Whether a TR layer under `conv_backend("onednn")` runs paired (`_tr_apply_paired`)
   rather than as the four-conv pipeline: when its multiply-adds, every conv's channels
   rounded up to oneDNN's block (per group for the grouped convs), are at most
-  `_PAIRED_SLACK` times the pipeline's.
+  `_PAIRED_SLACK` times the pipeline's (`_tr_macs` with the same rounding).
 
   Measured (ResNet-32 train step at 25%, 2-core AVX-512 CPU, variants compiled in one process
   and timed round-robin, per stage 16/32/64 channels; P paired, F four convs):
@@ -289,23 +290,15 @@ def _tr_paired(x_shape, p, ranks, strides, pads) -> bool:
   for TT; the slack (the two convs the paired form saves) picks PPP for both, within 2.5%
   of the best measured for TR and the best for TT.
   """
-  r0, r1, r2, r3 = ranks
-  _, h, w, s = x_shape
-  d_h, d_w = p["g1"].shape[1], p["g2"].shape[1]
-  t = p["g3"].shape[1]
-  ho, wo = _hw_out(x_shape, (d_h, d_w), strides, pads)
-
-  def b(c):  # channels rounded up to the block
-    return -(-c // _ONEDNN_BLOCK) * _ONEDNN_BLOCK
-
-  four = (
-    h * w * b(s) * b(r0 * r1)
-    + ho * w * d_h * r0 * b(r1) * b(r2)
-    + ho * wo * d_w * r0 * b(r2) * b(r3)
-    + ho * wo * b(r0 * r3) * b(t)
+  r0, _, r2, _ = ranks
+  n, _, w, s = x_shape
+  d_h, d_w, _, t = ws
+  ho, wo = _hw_out(x_shape, (d_h, d_w), strides, padding)
+  b = _round_up(_ONEDNN_BLOCK)
+  paired = n * (ho * w * d_h * b(s) * b(r0 * r2) + ho * wo * d_w * b(r0 * r2) * b(t))
+  return paired <= _PAIRED_SLACK * _tr_macs(
+    x_shape, ws, ranks, strides, padding, block=_ONEDNN_BLOCK
   )
-  paired = ho * w * d_h * b(s) * b(r0 * r2) + ho * wo * d_w * b(r0 * r2) * b(t)
-  return paired <= _PAIRED_SLACK * four
 
 
 def _tr_apply_paired(x, p, ranks, strides, pads):
@@ -323,16 +316,24 @@ def _tr_apply_paired(x, p, ranks, strides, pads):
   return _conv_w(y, k_w.reshape(d_w, r0 * r2, -1), strides, pw)
 
 
-def _tr_macs(xs, ws, ranks, strides, padding):
+def _round_up(block: int):
+  """Channel counts rounded up to a multiple of `block`."""
+  return lambda c: -(-c // block) * block
+
+
+def _tr_macs(xs, ws, ranks, strides, padding, block: int = 1):
+  """The four-conv pipeline's multiply-adds; with `block` every conv's channels rounded up
+  to it (per group for the middle convs), as oneDNN computes them (`_tr_paired`)."""
   n, h, w, s = xs
   d_h, d_w, _, t = ws
   r0, r1, r2, r3 = ranks
   ho, wo = _hw_out(xs, ws[:2], strides, padding)
+  b = _round_up(block)
   return n * (
-    h * w * s * r0 * r1
-    + ho * w * d_h * r1 * r0 * r2
-    + ho * wo * d_w * r2 * r0 * r3
-    + ho * wo * r0 * r3 * t
+    h * w * b(s) * b(r0 * r1)
+    + ho * w * d_h * r0 * b(r1) * b(r2)
+    + ho * wo * d_w * r0 * b(r2) * b(r3)
+    + ho * wo * b(r0 * r3) * b(t)
   )
 
 
