@@ -79,7 +79,6 @@ def main(argv=None) -> list:
   a = p.parse_args(argv)
   if a.repeats < 1:
     p.error(f"--repeats must be >= 1, got {a.repeats}")
-  decomp.avoid_cpu_runtime_hang()  # as the train CLI and the other benchmarks do
   decomp.reuse_host_memory()
   rows = measure(repeats=a.repeats)
   if a.out:

@@ -3,9 +3,6 @@
   PYTHONPATH=. python -m benchmarks.decomp [--nets resnet32,resnet50] [--out results/decomp.jsonl]
   PYTHONPATH=. python -m benchmarks.decomp --nets resnet32,teachers/resnet20_fmnist.npz
 
-On a 2-core CPU the ResNet-50 Tucker-2 timing loop can hang in XLA's CPU runtime; see
-`benchmarks/repro_cpu_hang.py`. ResNet-32 (the default) is not affected.
-
 For every conv kernel of a CIFAR ResNet-32 and an ImageNet ResNet-50 (the real shapes,
 random He-normal weights, float32):
 
@@ -285,7 +282,6 @@ def _fmt(r):
 
 
 def main():
-  decomp.avoid_cpu_runtime_hang()  # before jax starts; nothing where a GPU/TPU plugin is
   decomp.reuse_host_memory()  # the same
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -36,7 +36,6 @@ def main(argv=None):
   p.add_argument("--eps", default="0.3,0.5,0.9")
   p.add_argument("--out", default="benchmarks/results/rsdtr-storage.jsonl")
   a = p.parse_args(argv)
-  decomp.avoid_cpu_runtime_hang()
   decomp.reuse_host_memory()
   model = teacher_lib.load(a.teacher)
   plan = tnn.make_plan(model, "tr", ratio=0.5)  # only for its (default) layer paths

@@ -12,7 +12,7 @@ phase_step_runner`). `forward="auto"` chooses the paths as a run does
 trial); then both arms are compiled and timed round-robin (`common.timeit_interleaved`,
 `--steps` steps each). The row: images/s of each, their ratio, the layers per path and
 the seconds the choice took. The process opts in to the CPU settings the `train` CLI
-takes (`decomp.avoid_cpu_runtime_hang`, `decomp.reuse_host_memory`). Factors' values do
+takes (`decomp.reuse_host_memory`). Factors' values do
 not change the speed, so the row is the speed of the run's steps.
 """
 
@@ -56,7 +56,6 @@ def main(argv=None):
   p.add_argument("--choose-steps", type=int, default=5)
   p.add_argument("--out", default="benchmarks/results/train_forward-cpu.jsonl")
   args = p.parse_args(argv)
-  decomp.avoid_cpu_runtime_hang()  # as the `train` CLI does, before jax starts
   decomp.reuse_host_memory()
   config = load_config(args.config)
   if args.method not in config:

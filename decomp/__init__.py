@@ -7,7 +7,7 @@ under `jit` and `vmap`. `method="gram"` (default) computes leading singular subs
 from `eigh` of the small Gram matrix; `method="svd"` is the exact reference.
 """
 
-from decomp._xla_cpu import avoid_cpu_runtime_hang, reuse_host_memory
+from decomp._xla_cpu import reuse_host_memory
 from decomp.cp import cp_als
 from decomp.factors import CP, TR, TT, LowRank, Tiled, Tucker, num_params, reconstruct, rel_error
 from decomp.lowrank import lowered, lowered_svd, tiled_svd, tiled_svd_rank, unlowered
@@ -35,7 +35,6 @@ __all__ = [
   "LowRank",
   "Tiled",
   "Tucker",
-  "avoid_cpu_runtime_hang",
   "cp_als",
   "cp_rank",
   "hooi",

@@ -25,11 +25,75 @@ the truncation error being measured.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def one_matrix_at_a_time(fn=None, *, core_ndims=(2,)):
+  """`fn` (LAPACK-backed, on arguments of `core_ndims` dimensions each) made to solve one
+  problem per LAPACK call where it is lowered for the CPU; unchanged elsewhere.
+
+  Why: jaxlib's CPU LAPACK kernels (0.10.2) split a batched call (`syevd`, `potrf`, `gesdd`,
+  ...) over XLA's intra-op thread pool and wait for the pieces on the worker that runs the
+  call (`jax::ParallelBatchMap`, a `BlockingCounter` on a pool thread: seen with gdb in
+  every hung process). With two such calls in flight the pieces are never run, and the
+  program never returns (`python -m benchmarks.repro_cpu_hang`: the ResNet-50 Tucker-2
+  distortion hung in its first run, 2026-12-07). A call on one matrix runs inline, so
+  a batch, whether explicit (leading dimensions) or from `jax.vmap`, is looped with
+  `lax.map` on the CPU lowering (`lax.platform_dependent`): no pool re-entry, no
+  process-wide setting. On GPU/TPU the batched solver runs as before. The batched rule is
+  a `jax.custom_batching.custom_vmap`, so this holds under any user `vmap` too; such a
+  function is not differentiable (none of our solver calls is differentiated).
+  """
+  if fn is None:
+    return functools.partial(one_matrix_at_a_time, core_ndims=core_ndims)
+
+  def batched(*xs):  # every x with one leading batch axis
+    if jax.default_backend() != "cpu":  # the CPU branch is not even traced (see below)
+      return jax.vmap(fn)(*xs)
+    return jax.lax.platform_dependent(
+      *xs, cpu=lambda *a: jax.lax.map(lambda b: wrapped(*b), a), default=jax.vmap(fn)
+    )
+
+  @jax.custom_batching.custom_vmap
+  def wrapped(*xs):
+    extra = [x.ndim - c for x, c in zip(xs, core_ndims, strict=True)]
+    if max(extra) == 0:
+      return fn(*xs)
+    lead = next(x.shape[:e] for x, e in zip(xs, extra, strict=True) if e == max(extra))
+    flat = [
+      jnp.broadcast_to(x, (*lead, *x.shape[e:])).reshape(-1, *x.shape[e:])
+      for x, e in zip(xs, extra, strict=True)
+    ]
+    out = batched(*flat)
+    return jax.tree.map(lambda o: o.reshape(*lead, *o.shape[1:]), out)
+
+  @wrapped.def_vmap
+  def _rule(axis_size, in_batched, *xs):
+    xs = [
+      x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, b in zip(xs, in_batched, strict=True)
+    ]
+    out = batched(*xs)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return functools.wraps(fn)(wrapped)
+
+
+eigh = one_matrix_at_a_time(jnp.linalg.eigh)
+qr = one_matrix_at_a_time(jnp.linalg.qr)
+cholesky = one_matrix_at_a_time(jnp.linalg.cholesky)
+svd = one_matrix_at_a_time(functools.partial(jnp.linalg.svd, full_matrices=False))
+svdvals = one_matrix_at_a_time(functools.partial(jnp.linalg.svd, compute_uv=False))
+pinv_hermitian = one_matrix_at_a_time(functools.partial(jnp.linalg.pinv, hermitian=True))
+solve_lower = one_matrix_at_a_time(
+  functools.partial(jax.scipy.linalg.solve_triangular, lower=True), core_ndims=(2, 2)
+)
 
 
 def mm(a, b):
@@ -38,7 +102,7 @@ def mm(a, b):
 
 def eigh_desc(g: jax.Array):
   """Eigenvalues (descending) and eigenvectors (columns, same order) of symmetric `g`."""
-  lam, v = jnp.linalg.eigh(g)
+  lam, v = eigh(g)
   return lam[..., ::-1], v[..., ::-1]
 
 
@@ -57,11 +121,14 @@ def eigvalsh_desc(g: jax.Array) -> jax.Array:
   tracing it touches jaxlib's LAPACK registration, which that machine's programs do not
   need (a program placed on its CPU then uses `jnp.linalg.eigvalsh` there too).
   """
+  return _eigvalsh(g)[..., ::-1]
+
+
+@one_matrix_at_a_time
+def _eigvalsh(g: jax.Array) -> jax.Array:
   if jax.default_backend() != "cpu":
-    return jnp.linalg.eigvalsh(g)[..., ::-1]
-  return jax.lax.platform_dependent(
-    g, cpu=_lapack_eigvalsh, default=lambda g: jnp.linalg.eigvalsh(g)
-  )[..., ::-1]
+    return jnp.linalg.eigvalsh(g)
+  return jax.lax.platform_dependent(g, cpu=_lapack_eigvalsh, default=jnp.linalg.eigvalsh)
 
 
 def _syevd_target(dtype) -> str | None:
@@ -122,7 +189,7 @@ def _truncated_svd(m: jax.Array, k: int, method: str):
   """
   a, b = m.shape
   if method == "svd":
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    u, s, vt = svd(m)
     return u[:, :k], s, s[:k, None] * vt[:k]
   if method != "gram":
     raise ValueError(f"method must be 'gram' or 'svd', got {method!r}.")
@@ -158,14 +225,14 @@ def _unit_columns(b, s):
 
 def _polar_columns(b: jax.Array, s: jax.Array) -> jax.Array:
   u, _ = _unit_columns(b, s)
-  mu, w = jnp.linalg.eigh(mm(u.T, u))
+  mu, w = eigh(mm(u.T, u))
   inv_sqrt = jnp.where(mu > 0.5, 1 / jnp.sqrt(jnp.where(mu > 0.5, mu, 1)), 0)
   return mm(u, mm(w * inv_sqrt[None, :], w.T))
 
 
 def _qr_columns(b: jax.Array, s: jax.Array) -> jax.Array:
   u, keep = _unit_columns(b, s)
-  q, r = jnp.linalg.qr(u)
+  q, r = qr(u)
   sign = jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(u.dtype)  # columns along u's
   return q * (sign * keep.astype(u.dtype))[None, :]
 
@@ -200,6 +267,6 @@ def cholesky_qr(a: jax.Array) -> jax.Array:
   for _ in range(2):
     g = mm(a.T, a)
     shift = 100 * eps * jnp.trace(g) + jnp.finfo(a.dtype).tiny
-    r = jnp.linalg.cholesky(g + shift * jnp.eye(k, dtype=a.dtype))
-    a = jax.scipy.linalg.solve_triangular(r, a.T, lower=True).T
+    r = cholesky(g + shift * jnp.eye(k, dtype=a.dtype))
+    a = solve_lower(r, a.T).T
   return a

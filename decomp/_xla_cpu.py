@@ -1,22 +1,7 @@
-"""XLA CPU settings of decomp: an opt-in workaround for a runtime hang, an opt-in for host
-memory reuse, and FAST_COMPILE.
+"""XLA CPU settings of decomp: an opt-in for host memory reuse, and FAST_COMPILE.
 
 Importing `decomp` changes no process-wide state: not `os.environ`, not jax's
 configuration, not malloc's. Every setting here acts only where jax runs on the CPU.
-
-The hang (jaxlib 0.10.2): a jitted graph with several independent LAPACK calls (batched
-`eigh`, `qr`), such as one Tucker-2 distortion of a whole ResNet-50 or one round of the
-RSDTR search, sometimes never returns on CPU: every XLA worker thread idles while the
-caller waits (`python -m benchmarks.repro_cpu_hang` shows it). It does not happen with
-XLA's concurrency-optimized scheduler off for the whole process (the flag in `XLA_FLAGS`
-before jax starts). The same option passed as a per-program compile option does not
-help: the repro hung in its first run that way (2 of 2 processes, 2026-12-02), so the
-workaround is process-wide, and therefore an explicit opt-in:
-`decomp.avoid_cpu_runtime_hang()`, called before jax starts by the entry points that run
-large decompositions on CPU (the `train` CLI, `benchmarks.decomp`, the test suite), or
-the flag set by hand. It does nothing where a GPU or TPU jax plugin is installed and
-`JAX_PLATFORMS` does not select the CPU: the GPU machine runs a newer jax, and an
-`XLA_FLAGS` entry its XLA does not know stops every program at start.
 
 FAST_COMPILE (below) is a per-program compile option of the RSDTR search, where the
 default backend is the CPU and its XLA knows it (probed once).
@@ -29,9 +14,6 @@ import importlib.metadata
 import importlib.util
 import os
 import warnings
-
-NAME = "xla_cpu_enable_concurrency_optimized_scheduler"
-FLAG = f"--{NAME}=false"
 
 
 def _accelerator_jax() -> bool:
@@ -54,28 +36,6 @@ def _backends_started() -> bool:
   except ImportError:
     return False
   return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
-
-
-def avoid_cpu_runtime_hang() -> bool:
-  """Opt in: adds `FLAG` to `XLA_FLAGS` for this process, where jax runs on the CPU only,
-  the user has not set the flag and XLA has not started. Returns whether the flag is in
-  effect. Call it first thing in an entry point (not at import)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if NAME in flags:
-    return FLAG in flags.split()
-  if _accelerator_jax():
-    return False
-  started = _backends_started()
-  if started:
-    warnings.warn(
-      f"avoid_cpu_runtime_hang: jax already started, so XLA_FLAGS={FLAG} cannot take "
-      "effect; call it before any jax computation, or set the flag in the environment.",
-      RuntimeWarning,
-      stacklevel=2,
-    )
-    return False
-  os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
-  return True
 
 
 # glibc `mallopt` parameters (malloc.h).

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from decomp import _checks
-from decomp._linalg import HIGHEST, truncated_svd
+from decomp._linalg import HIGHEST, pinv_hermitian, truncated_svd
 from decomp.factors import CP
 
 _LETTERS = "abcdefghijklmnop"
@@ -67,7 +67,7 @@ def _cp_als(x, rank, key, n_iter, tol, init):
     for k in range(n):
       v = _gram_hadamard(factors, k)
       m = _mttkrp(x, factors, k)
-      a = jnp.matmul(m, jnp.linalg.pinv(v, hermitian=True), precision=HIGHEST)
+      a = jnp.matmul(m, pinv_hermitian(v), precision=HIGHEST)
       if k == n - 1:
         # ||x - xhat||^2 = ||x||^2 - 2 <x, xhat> + ||xhat||^2, from the last update's terms.
         inner = jnp.sum(m * a)

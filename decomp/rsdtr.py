@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp import _blas, _checks, _xla_cpu
-from decomp._linalg import eigh_desc, eigvalsh_desc, mm, tail_rank
+from decomp._linalg import eigh_desc, eigvalsh_desc, mm, svd, svdvals, tail_rank
 from decomp.factors import TR, num_params, reconstruct
 from decomp.tt_tr import capped_rank, divisor_pairs, split_first_rank, tr_first, tr_rest
 
@@ -130,8 +130,8 @@ def _spectrum(m: jax.Array, method: str, with_rest: bool):
   a, b = m.shape
   if method == "svd":
     if not with_rest:
-      return jnp.linalg.svd(m, compute_uv=False), None
-    _, s, vt = jnp.linalg.svd(m, full_matrices=False)
+      return svdvals(m), None
+    _, s, vt = svd(m)
     return s, s[:, None] * vt
   g = mm(m, m.T) if a <= b else mm(m.T, m)
   if not with_rest:

@@ -15,9 +15,6 @@ os.environ["XLA_FLAGS"] = (
 
 import decomp  # noqa: E402
 
-# The suite runs whole-network decompositions on CPU: opt in to the XLA CPU runtime-hang
-# workaround before jax starts (decomp's import sets nothing by itself).
-decomp.avoid_cpu_runtime_hang()
 decomp.reuse_host_memory()  # and keeps freed host memory (faster steps; see decomp)
 
 import jax  # noqa: E402

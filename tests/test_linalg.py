@@ -150,3 +150,59 @@ def test_eigvalsh_desc_lowers_to_the_gpu_solver_for_gpus():
     text = export.export(jax.jit(eigvalsh_desc), platforms=(platform,))(x).mlir_module()
     calls[platform] = set(re.findall(r"custom_call @(\w+)", text))
   assert calls == {"cuda": {"cusolver_syevd_ffi"}, "cpu": {"lapack_ssyevd_ffi"}}
+
+
+def _lapack_operand_ranks(module_text: str) -> list[int]:
+  """The rank of the first operand of every jaxlib LAPACK custom call in a module."""
+  import re
+
+  calls = re.findall(r"custom_call\s*@(lapack_\w+)\(.*?:\s*\(tensor<([^>]*)>", module_text)
+  return [len(shape.split("x")) - 1 for _, shape in calls]
+
+
+def test_every_solver_takes_one_matrix_per_lapack_call_in_the_cpu_lowering():
+  """jaxlib 0.10.2's batched LAPACK kernels split a batch over XLA's thread pool from a pool
+  thread and can wait forever (`benchmarks/repro_cpu_hang.py`). Lowered for the CPU, every
+  solver of `decomp._linalg` calls LAPACK on one matrix at a time, whether the batch is
+  explicit or from `vmap` (nested too), and gives what a call per matrix gives; exported for
+  cuda and tpu, the batched solver runs as jax lowers it, with no loop around it."""
+  import jax
+
+  from decomp import _linalg
+
+  sym = jnp.eye(6, dtype=jnp.float32) * 2 + 0.1
+  tri = jnp.tril(sym)
+  cases = {
+    "eigh": (_linalg.eigh, (sym,)),
+    "eigvalsh": (_linalg._eigvalsh, (sym,)),
+    "svd": (_linalg.svd, (sym[:, :4],)),
+    "svdvals": (_linalg.svdvals, (sym[:, :4],)),
+    "qr": (_linalg.qr, (sym[:, :4],)),
+    "cholesky": (_linalg.cholesky, (sym,)),
+    "solve_lower": (_linalg.solve_lower, (tri, sym[:, :3])),
+    "pinv": (_linalg.pinv_hermitian, (sym,)),
+  }
+  for name, (fn, args) in cases.items():
+    stack = [jnp.stack([a] * 3) for a in args]
+    nested = [jnp.stack([a] * 2) for a in stack]
+    for f, xs in [
+      (fn, stack),  # explicit batch
+      (jax.vmap(fn), stack),
+      (jax.vmap(jax.vmap(fn)), nested),
+      (jax.vmap(fn, in_axes=(0,) + (None,) * (len(args) - 1)), [stack[0], *args[1:]]),
+    ]:
+      cpu = jax.jit(f).lower(*xs).as_text()
+      ranks = _lapack_operand_ranks(cpu)
+      assert ranks and set(ranks) == {2}, (name, ranks)
+      want = jax.vmap(fn)(*stack) if f is fn else None
+      if want is not None:  # the loop gives what one call per matrix gives
+        for got_leaf, one_leaf in zip(
+          jax.tree.leaves(jax.jit(f)(*xs)), jax.tree.leaves(fn(*args)), strict=True
+        ):
+          np.testing.assert_allclose(got_leaf[1], one_leaf, rtol=1e-6, atol=1e-6)
+
+    def loops(f, stack=stack):
+      module = jax.export.export(jax.jit(jax.vmap(f)), platforms=("cuda", "tpu"))(*stack)
+      return module.mlir_module().count("stablehlo.while")
+
+    assert loops(fn) == loops(fn.__wrapped__), name  # no loop of ours around the solver

@@ -287,3 +287,119 @@ def test_a_sections_forward_path_may_change_on_resume_and_its_settings_may_not(t
   cfg.seqkd.opt.lr = 1e-2
   with pytest.raises(ConfigMismatch, match=r"seqkd.opt.lr: 0.001 -> 0.01"):
     workdir_lib.check_config(str(work), cfg)
+
+
+def _wait_for_step(metrics, at_least, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    if metrics.exists():
+      steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x]
+      if steps and max(steps) >= at_least:
+        return max(steps)
+    time.sleep(0.02)
+  raise AssertionError(f"no step {at_least} logged in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """One uninterrupted 200-step run (checkpoints every 100), the reference of preemption."""
+  root = tmp_path_factory.mktemp("preemption")
+  proc = _cli(root, root / "full", steps=200, every=100, log=5)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return root
+
+
+@pytest.mark.parametrize(
+  "signals, code", [((signal.SIGTERM,), 143), ((signal.SIGINT,), 130), ((signal.SIGTERM,) * 3, 143)]
+)
+def test_a_signal_saves_the_step_in_flight_and_the_rerun_ends_bitwise_equal(
+  uninterrupted, signals, code
+):
+  """SIGTERM (SIGINT) mid-phase: the step in flight finishes, a checkpoint is written at that
+  step (not the last periodic one: nothing is lost), one line is printed, exit 143 (130). A
+  second and third signal during the save change nothing. The rerun ends bitwise equal to
+  the uninterrupted run."""
+  root = uninterrupted
+  work = root / f"signal-{signals[0]}-{len(signals)}"
+  proc = _cli(root, work, steps=200, every=100, log=5, wait=False)
+  seen = _wait_for_step(work / "metrics.jsonl", 120, proc)
+  for s in signals:
+    proc.send_signal(s)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == code, err[-2000:]
+  lines = [ln for ln in err.splitlines() if ln.startswith("preempted")]
+  assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+  at = int(lines[0].split()[3])
+  assert lines[0] == (
+    f"preempted at step {at} of phase dense; rerun the same command to resume"
+  )
+  ckpt = work / "dense" / "ckpt"
+  assert checkpoint.steps_on_disk(str(work / "dense"))[0] == at and seen <= at < 200
+  assert not [p for p in os.listdir(ckpt) if p.startswith(".tmp")]
+  proc = _cli(root, work, steps=200, every=100, log=5)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"from step {at}" in proc.stdout
+  step, got = _params(work)
+  _, want = _params(root / "full")
+  assert step == 200 and got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+_ENOSPC = """
+import errno, sys
+import numpy as np
+import train.trainer
+from train.__main__ import entry
+
+calls = {{"n": 0}}
+real_savez = np.savez
+
+def savez(f, **arrays):  # the disk fills up during the second checkpoint
+  calls["n"] += 1
+  if calls["n"] == 2 and {where!r} == "checkpoint":
+    f.write(b"PK" * 1000)
+    raise OSError(errno.ENOSPC, "No space left on device", f.name)
+  return real_savez(f, **arrays)
+
+np.savez = savez
+real_log = train.trainer.Logger.log
+
+def log(self, row):
+  if {where!r} == "metrics" and row.get("step") == 15:
+    raise OSError(errno.ENOSPC, "No space left on device", self.path)
+  return real_log(self, row)
+
+train.trainer.Logger.log = log
+entry(sys.argv)
+"""
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics"])
+def test_a_full_disk_is_one_line_exit_2_and_the_last_good_checkpoint_stays(finished, where):
+  """ENOSPC injected into the checkpoint writer (the second save) or the metrics log: one
+  `error:` line naming the path and the cause, exit 2, no temporary folder left, the
+  previous checkpoint the newest and good, and a rerun with space again finishes."""
+  work = finished / f"full-disk-{where}"
+  cfg = finished / "cfg_30_10_5.py"
+  cfg.write_text(CONFIG.format(repo=REPO, steps=30, every=10, log=5))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+  cmd = [sys.executable, "-c", _ENOSPC.format(where=where), "train", "--config", str(cfg)]
+  proc = subprocess.run(
+    cmd + ["--workdir", str(work)], env=env, capture_output=True, text=True, timeout=300
+  )
+  line = _one_clear_line(proc, "No space left on device", "errno 28")
+  if where == "checkpoint":
+    assert str(work / "dense" / "ckpt") in line
+    assert checkpoint.steps_on_disk(str(work / "dense")) == [10]
+  else:
+    assert str(work / "metrics.jsonl") in line
+    assert checkpoint.steps_on_disk(str(work / "dense")) == [10]
+  assert not [p for p in os.listdir(work / "dense" / "ckpt") if p.startswith(".tmp")]
+  proc = _cli(finished, work)  # space again: resumes from step 10 and ends as the full run
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  _, got = _params(work)
+  _, want = _params(finished / "full")
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)

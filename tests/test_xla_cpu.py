@@ -1,4 +1,4 @@
-"""decomp's XLA CPU settings: nothing at import, an explicit opt-in, per-program FAST_COMPILE."""
+"""decomp's XLA CPU settings: nothing at import, per-program FAST_COMPILE."""
 
 import importlib.metadata
 import json
@@ -22,9 +22,6 @@ out = dict(
   config_changed=sorted(k for k in cfg0 if cfg0[k] != cfg1.get(k)),
   backends_started=jax._src.xla_bridge.backends_are_initialized(),
 )
-if "--opt-in" in sys.argv:
-  out["opted_in"] = decomp.avoid_cpu_runtime_hang()
-  out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
 print(json.dumps(out))
 """
 
@@ -43,27 +40,18 @@ def test_importing_the_packages_changes_no_process_wide_state():
   assert got == dict(env_changed=[], config_changed=[], backends_started=False), got
 
 
-def test_the_opt_in_sets_the_flag_before_jax_starts_and_keeps_the_users_choice():
-  got = _probe("--opt-in")
-  assert got["opted_in"] and _xla_cpu.FLAG in got["xla_flags"].split()
-  got = _probe("--opt-in", XLA_FLAGS=f"--{_xla_cpu.NAME}=true")
-  assert not got["opted_in"] and got["xla_flags"] == f"--{_xla_cpu.NAME}=true"
-
-
-def test_the_opt_in_does_nothing_where_an_accelerator_plugin_is_installed(monkeypatch):
+def test_an_accelerator_plugin_is_seen_unless_the_user_asked_for_the_cpu(monkeypatch):
   plugin = importlib.metadata.EntryPoint("xla_cuda13", "jax_plugins.xla_cuda13", "jax_plugins")
   monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [plugin])
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-  monkeypatch.setenv("XLA_FLAGS", "--foo")
-  assert not _xla_cpu.avoid_cpu_runtime_hang()
-  assert os.environ["XLA_FLAGS"] == "--foo"
+  assert _xla_cpu._accelerator_jax() is True
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the user asked for the CPU: the plugin is moot
   assert _xla_cpu._accelerator_jax() is False
 
 
-def test_without_jax_private_backend_query_the_opt_in_still_decides(monkeypatch):
+def test_without_jax_private_backend_query_the_started_check_still_decides(monkeypatch):
   """`jax._src.xla_bridge` is private: where a jax lacks it, the started-check says False
-  (and the opt-in sets the flag), instead of failing."""
+  instead of failing."""
   import sys
 
   import jax._src
@@ -75,11 +63,6 @@ def test_without_jax_private_backend_query_the_opt_in_still_decides(monkeypatch)
   assert _xla_cpu._backends_started() is False
   monkeypatch.undo()
   assert _xla_cpu._backends_started() is True
-
-
-def test_the_suite_itself_runs_opted_in():
-  # conftest opts in before jax starts (the suite runs whole-network decompositions).
-  assert _xla_cpu.FLAG in os.environ["XLA_FLAGS"].split()
 
 
 def test_the_search_compiles_with_the_fast_compile_option_on_the_tested_jax():

@@ -2,7 +2,9 @@
 
 Every error the CLI can foresee (a bad flag or config key, a bad value, missing or corrupt
 data, an unusable checkpoint, a workdir that does not match its config or is in use, a
-non-finite state) is printed as one message with exit code 2, without a traceback.
+non-finite state, a full disk) is printed as one message with exit code 2, without a
+traceback. SIGTERM or SIGINT finishes the step in flight, saves a checkpoint there, prints
+one line and exits with 143 or 130 (`train.preemption`); rerunning the command resumes.
 `--config.methods=dense,deeptwist` takes a comma list.
 """
 
@@ -67,8 +69,8 @@ def _split_lists(argv: list[str]) -> list[str]:
 
 
 def main(argv):
+  from train import preemption, workdir
   from train import run as run_lib
-  from train import workdir
 
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}; see python -m train --help.")
@@ -83,7 +85,15 @@ def main(argv):
   try:
     if _DISTRIBUTED.value:
       run_lib.initialize_distributed()
-    run_lib.run(config, _WORKDIR.value)
+    with preemption.handling_signals():
+      run_lib.run(config, _WORKDIR.value)
+  except preemption.Preempted as e:
+    print(
+      f"preempted at step {e.step} of phase {e.phase}; rerun the same command to resume",
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(e.exit_code)
   except (
     ValueError,  # config values, data files, plans, teachers, checkpoints, mismatches
     FloatingPointError,  # a non-finite loss or state
@@ -91,12 +101,17 @@ def main(argv):
     FileNotFoundError,
   ) as e:
     _fail(str(e))
+  except OSError as e:  # a full disk, a read-only or vanished workdir, while writing
+    where = f"{e.filename}: " if e.filename else ""
+    _fail(
+      f"could not write {where}{e.strerror or e} (errno {e.errno}); free space or "
+      "fix the workdir, then rerun the same command to resume from the newest checkpoint."
+    )
 
 
 def entry(argv=None) -> None:
   import decomp
 
-  decomp.avoid_cpu_runtime_hang()  # explicit, before jax starts; CPU-only jax installs only
   decomp.reuse_host_memory()  # the same: freed buffers reused, not mapped anew each step
   argv = _split_lists(list(sys.argv if argv is None else argv))
   if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):

@@ -135,15 +135,19 @@ def save(folder: str, step: int, state, fingerprint: dict, *, keep: int, info=No
   )
   tmp = os.path.join(ckpt, f".tmp-{step}-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  with open(os.path.join(tmp, "arrays.npz"), "wb") as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
-    json.dump(meta, f)
-    f.flush()
-    os.fsync(f.fileno())
+  try:
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "arrays.npz"), "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f)
+      f.flush()
+      os.fsync(f.fileno())
+  except BaseException:  # a full disk (OSError), or an interrupt: no half-written folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   final = os.path.join(ckpt, str(step))
   if os.path.exists(final):  # the same step again (a rerun of a finished phase)
     shutil.rmtree(final)

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import preemption
 from train import steps as steps_lib
 
 
@@ -403,10 +404,29 @@ def run_phase(
   # The next batch is read while the device runs this one (one reader thread).
   reader = ThreadPoolExecutor(1)
   ahead = reader.submit(read, start) if start < steps else None
+
+  def save(done):
+    info = dict(train_s=round(train_s + time.time() - t_start, 1))
+    try:
+      ckpt_lib.save(folder, done, state, fp, keep=keep, info=info)
+    except ckpt_lib.NonFiniteState:
+      good = ckpt_lib.steps_on_disk(folder)
+      raise FloatingPointError(
+        f"{name}: the state is not finite (NaN or Inf) at step {done}; it was not "
+        f"saved. The newest checkpoint of this phase is "
+        f"{'step ' + str(good[0]) if good else 'none (the phase starts over)'}; rerun "
+        "with a lower learning rate (and --config.resume=force to continue from that "
+        "checkpoint under the new setting)."
+      ) from None
+
   try:
     for s in range(start, steps):
       if stop_after is not None and s - start >= stop_after:
         return nnx.merge(graphdef, state.params, state.rest)
+      if (signum := preemption.requested(s)) is not None:
+        if s > 0 and s not in ckpt_lib.steps_on_disk(folder):
+          save(s)  # the steps before the signal are kept: a rerun resumes here
+        raise preemption.Preempted(name, s, signum)
       rows, images, labels = ahead.result()
       if s + 1 < steps:
         ahead = reader.submit(read, s + 1)
@@ -432,18 +452,7 @@ def run_phase(
       if row:
         logger.log(row)
       if done % checkpoint_every == 0 or done == steps:
-        info = dict(train_s=round(train_s + time.time() - t_start, 1))
-        try:
-          ckpt_lib.save(folder, done, state, fp, keep=keep, info=info)
-        except ckpt_lib.NonFiniteState:
-          good = ckpt_lib.steps_on_disk(folder)
-          raise FloatingPointError(
-            f"{name}: the state is not finite (NaN or Inf) at step {done}; it was not "
-            f"saved. The newest checkpoint of this phase is "
-            f"{'step ' + str(good[0]) if good else 'none (the phase starts over)'}; rerun "
-            "with a lower learning rate (and --config.resume=force to continue from that "
-            "checkpoint under the new setting)."
-          ) from None
+        save(done)
   finally:
     reader.shutdown(cancel_futures=True)
     logger.close()
