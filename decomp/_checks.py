@@ -41,6 +41,43 @@ def as_float_array(
   return arr
 
 
+def normalized(x: jax.Array, name: str, batch_dims: int = 0) -> tuple[jax.Array, jax.Array]:
+  """`(x / s, s)` with `s = max|x|` (1 where `x` is zero), per item of the leading
+  `batch_dims` axes (`s` has their shape).
+
+  Why: a decomposition squares its input (Gram matrices, norms), so float32 entries above
+  ~1e19 overflow and below ~1e-19 underflow, and the factors come out NaN or zero at scales
+  where the exact answer is fine. A decomposition of `x / s` scaled back by `s`
+  (`decomp.factors.scaled`) is exact at any scale the dtype holds. On concrete input, an
+  `x` whose norm would overflow the dtype (`max|x| sqrt(size)` above its largest finite
+  value), or whose largest entry is below its smallest normal number (its digits are
+  already lost), raises `ValueError`."""
+  axes = tuple(range(batch_dims, x.ndim))
+  m = jnp.max(jnp.abs(x), axis=axes)
+  if is_concrete(x):
+    info = jnp.finfo(x.dtype)
+    n = math.prod(x.shape[batch_dims:])
+    # On the host: XLA's CPU flushes subnormals to zero, which would hide them.
+    host = np.max(np.abs(np.asarray(x, np.float64)), axis=axes).reshape(-1)
+    hi = float(host.max())
+    pos = host[host > 0]
+    lo = float(pos.min()) if pos.size else 0.0
+    if hi * math.sqrt(n) > float(info.max):
+      raise ValueError(
+        f"{name}: its largest entry {hi:.3g} times sqrt(size) {math.sqrt(n):.3g} overflows "
+        f"{x.dtype} (largest {float(info.max):.3g}); allowed max|{name}| <= "
+        f"{float(info.max) / math.sqrt(n):.3g}. Scale it down, or pass float64."
+      )
+    if 0 < lo < float(info.tiny):
+      raise ValueError(
+        f"{name}: its largest entry {lo:.3g} is below the smallest normal {x.dtype} "
+        f"({float(info.tiny):.3g}), where its digits are lost; allowed max|{name}| >= "
+        f"{float(info.tiny):.3g} (or all zero). Scale it up, or pass float64."
+      )
+  s = jnp.where(m > 0, m, 1).astype(x.dtype)
+  return x / s.reshape(s.shape + (1,) * len(axes)), s
+
+
 def half_to_float32(x: jax.Array) -> tuple[jax.Array, jnp.dtype]:
   """`(x in float32, x's dtype)` for float16/bfloat16 `x` (LAPACK has no half-precision
   kernels, and their 3-4 digits cannot hold an eigendecomposition); `(x, dtype)` else."""

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from decomp import _checks
 from decomp._linalg import HIGHEST, pinv_hermitian, truncated_svd
-from decomp.factors import CP
+from decomp.factors import CP, scaled
 
 _LETTERS = "abcdefghijklmnop"
 
@@ -125,4 +125,6 @@ def cp_als(x, rank: int, *, key=None, n_iter: int = 100, tol: float = 1e-7, init
   if x.ndim > len(_LETTERS):
     raise ValueError(f"x has {x.ndim} modes; cp_als supports at most {len(_LETTERS)}.")
   key = jax.random.key(0) if key is None else key
-  return _cp_als(x, rank, key, n_iter, jnp.asarray(tol, x.dtype), init)
+  x, s = _checks.normalized(x, "x")
+  f, errors = _cp_als(x, rank, key, n_iter, jnp.asarray(tol, x.dtype), init)
+  return scaled(f, s), errors

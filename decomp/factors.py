@@ -121,6 +121,36 @@ def _(f: Tiled) -> jax.Array:
   return x.reshape(g_r * a, g_c * b)
 
 
+@functools.singledispatch
+def scaled(f, s):
+  """The factorization of `s x` from that of `x` (`s` a scalar): the one factor that
+  carries the scale (Tucker's core, CP's weights, the last TT/TR core, the right factor of
+  LowRank and Tiled) times `s`."""
+  raise TypeError(f"scaled: not a decomp factor type: {type(f).__name__}")
+
+
+@scaled.register
+def _(f: Tucker, s):
+  return f._replace(core=f.core * s)
+
+
+@scaled.register
+def _(f: CP, s):
+  return f._replace(weights=f.weights * s)
+
+
+@scaled.register(TT)
+@scaled.register(TR)
+def _(f, s):
+  return f._replace(cores=(*f.cores[:-1], f.cores[-1] * s))
+
+
+@scaled.register(LowRank)
+@scaled.register(Tiled)
+def _(f, s):
+  return f._replace(v=f.v * s)
+
+
 def num_params(f) -> int:
   """The count of numbers a factorization stores (its leaves' sizes; None stores nothing)."""
   if hasattr(f, "num_params"):

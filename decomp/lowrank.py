@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from decomp import _checks
 from decomp._linalg import truncated_svd
-from decomp.factors import LowRank, Tiled
+from decomp.factors import LowRank, Tiled, scaled
 
 
 def lowered(kernel: jax.Array) -> jax.Array:
@@ -49,7 +49,9 @@ def lowered_svd(kernel, rank: int, *, method: str = "gram") -> LowRank:
   kernel, dtype = _checks.half_to_float32(_checks.as_kernel(kernel))
   d_h, d_w, s, t = kernel.shape
   rank = _checks.check_rank(rank, "rank", min(t, s * d_h * d_w))
-  return _checks.cast_floats(_lowered_svd(kernel, rank, _checks.check_method(method)), dtype)
+  kernel, s = _checks.normalized(kernel, "kernel")
+  f = _lowered_svd(kernel, rank, _checks.check_method(method))
+  return _checks.cast_floats(scaled(f, s), dtype)
 
 
 def _tiles(matrix: jax.Array, grid) -> jax.Array:
@@ -97,7 +99,8 @@ def tiled_svd(matrix, *, grid, rank: int, method: str = "gram") -> Tiled:
   grid = _check_grid(matrix.shape, grid)
   a, b = matrix.shape[0] // grid[0], matrix.shape[1] // grid[1]
   rank = _checks.check_rank(rank, "rank", min(a, b))
-  return _tiled_svd(matrix, grid, rank, _checks.check_method(method))
+  matrix, s = _checks.normalized(matrix, "matrix")
+  return scaled(_tiled_svd(matrix, grid, rank, _checks.check_method(method)), s)
 
 
 def tiled_svd_rank(shape, grid, *, ratio: float) -> int:

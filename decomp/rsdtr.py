@@ -45,7 +45,7 @@ import numpy as np
 
 from decomp import _blas, _checks, _xla_cpu
 from decomp._linalg import eigh_desc, eigvalsh_desc, mm, svd, svdvals, tail_rank
-from decomp.factors import TR, num_params, reconstruct
+from decomp.factors import TR, num_params, reconstruct, scaled
 from decomp.tt_tr import capped_rank, divisor_pairs, split_first_rank, tr_first, tr_rest
 
 RING_AXES = (2, 0, 1, 3)  # kernel (d_h, d_w, S, T) -> ring (S, d_h, d_w, T)
@@ -434,10 +434,24 @@ def _search(stacks_of_kernels: list, names: list, eps: float, method: str) -> li
   names kernel `b` of stack `i` in errors), all stacks in step: four transfers to the host
   in all (first ranks and spectra, the ranks of two rounds of candidates, the winners'
   cores)."""
+  # Each kernel searched at max|k| = 1 and its cores scaled back (see `_checks.normalized`):
+  # ranks depend on relative errors only, and the Gram matrices of a kernel of 1e20 overflow.
+  normal, scales = [], []
+  for stack, stack_names in zip(stacks_of_kernels, names, strict=True):
+    if _checks.is_concrete(stack):
+      for k, name in zip(stack, stack_names, strict=True):  # an error names its kernel
+        _checks.normalized(k, name)
+    k, s = _checks.normalized(stack, "kernels", batch_dims=1)
+    normal.append(k)
+    scales.extend(np.asarray(s))
   with _blas.single_threaded_blas():  # many small LAPACK calls: see decomp._blas
-    stacks = [_Stack(k, n, eps, method) for k, n in zip(stacks_of_kernels, names, strict=True)]
+    stacks = [_Stack(k, n, eps, method) for k, n in zip(normal, names, strict=True)]
     _rounds(stacks, eps)
-    return _winners(stacks)
+    found = _winners(stacks)
+  return [
+    dataclasses.replace(r, tr=scaled(r.tr, jnp.asarray(s, r.tr.cores[-1].dtype)))
+    for r, s in zip(found, scales, strict=True)
+  ]
 
 
 def rsdtr_stack(kernels, *, eps: float, method: str = "gram") -> list:

@@ -26,7 +26,7 @@ import numpy as np
 
 from decomp import _checks
 from decomp._linalg import mask_columns, tail_rank, truncated_svd
-from decomp.factors import TR, TT
+from decomp.factors import TR, TT, scaled
 
 
 def _sweep(t: jax.Array, ranks, delta, method: str, r_in_real=None, r0_real=None):
@@ -129,11 +129,13 @@ def tt_svd(x, *, ranks=None, eps=None, method: str = "gram") -> TT:
     for k, r in enumerate(ranks):
       hi = min(r_prev * x.shape[k], math.prod(x.shape[k + 1 :]))
       r_prev = _checks.check_rank(r, f"tt_svd: ranks[{k}]", hi)
-    return _tt_static(x, ranks, method)
+    x, s = _checks.normalized(x, "x")
+    return scaled(_tt_static(x, ranks, method), s)
   eps = _checks.check_eps(eps)
+  x, s = _checks.normalized(x, "x")
   cores, found = _tt_eps(x, eps, method)
   inner = () if found is None else tuple(int(r) for r in np.asarray(found))
-  return TT(_trim(cores, (1, *inner)))
+  return scaled(TT(_trim(cores, (1, *inner))), s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +253,10 @@ def tr_svd(x, *, ranks=None, eps=None, split=None, method: str = "gram") -> TR:
     for k in range(2, n):
       hi = min(ranks[k - 1] * x.shape[k - 1], math.prod(x.shape[k:]) * ranks[0])
       _checks.check_rank(ranks[k], f"tr_svd: ranks[{k}]", hi)
-    return _tr_static(x, ranks, method)
+    x, s = _checks.normalized(x, "x")
+    return scaled(_tr_static(x, ranks, method), s)
   eps = _checks.check_eps(eps)
+  x, scale = _checks.normalized(x, "x")
   delta = _delta(x, eps)
   u, s, rest = tr_first(x, method)
   r = int(tail_rank(s, delta))
@@ -267,4 +271,4 @@ def tr_svd(x, *, ranks=None, eps=None, split=None, method: str = "gram") -> TR:
       )
   r1 = r // r0
   cores, found = tr_rest_jit(u, rest, r0, r1, delta, p0=r0, p1=r1, method=method)
-  return TR(_trim(cores, (r0, r1, *(int(v) for v in np.asarray(found)))))
+  return scaled(TR(_trim(cores, (r0, r1, *(int(v) for v in np.asarray(found))))), scale)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from decomp import _checks
 from decomp._linalg import cholesky_qr, mm, truncated_svd
-from decomp.factors import Tucker, mode_product
+from decomp.factors import Tucker, mode_product, scaled
 
 
 def _unfold(x: jax.Array, mode: int) -> jax.Array:
@@ -69,7 +70,8 @@ def hosvd(x, ranks, *, method: str = "gram") -> Tucker:
   """
   x, dtype = _checks.half_to_float32(_checks.as_float_array(x, "x"))
   ranks = _check_ranks(x, ranks, "hosvd")
-  return _checks.cast_floats(_hosvd(x, ranks, _checks.check_method(method)), dtype)
+  x, s = _checks.normalized(x, "x")
+  return _checks.cast_floats(scaled(_hosvd(x, ranks, _checks.check_method(method)), s), dtype)
 
 
 def tucker2(kernel, ranks, *, method: str = "gram") -> Tucker:
@@ -93,7 +95,9 @@ def tucker2(kernel, ranks, *, method: str = "gram") -> Tucker:
     hi = min(kernel.shape[mode], kernel.size // kernel.shape[mode])
     _checks.check_rank(r, f"tucker2: ranks[{i}] ({'r_S' if i == 0 else 'r_T'})", hi)
   full = _check_ranks(kernel, (None, None, *ranks), "tucker2")
-  return _checks.cast_floats(_hosvd(kernel, full, _checks.check_method(method)), dtype)
+  kernel, s = _checks.normalized(kernel, "kernel")
+  f = _hosvd(kernel, full, _checks.check_method(method))
+  return _checks.cast_floats(scaled(f, s), dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "n_iter", "method"))
@@ -147,10 +151,21 @@ def hooi(x, ranks, *, n_iter: int = 20, tol: float = 1e-6, method: str = "gram")
   """
   x = _checks.as_float_array(x, "x")
   ranks = _check_ranks(x, ranks, "hooi")
+  kept = [n if r is None else r for n, r in zip(x.shape, ranks, strict=True)]
+  for k, r in enumerate(ranks):
+    others = math.prod(kept[:k] + kept[k + 1 :])
+    if r is not None and r > others:  # a sweep's projected unfolding is (I_k, others)
+      raise ValueError(
+        f"hooi: ranks[{k}] = {r} exceeds {others}, the product of the other modes' ranks "
+        f"(their sizes where None), which bounds it; allowed range [1, "
+        f"{min(x.shape[k], others)}]."
+      )
   _checks.check_rank(n_iter, "n_iter", 10**6)
   if not tol >= 0:
     raise ValueError(f"tol must be >= 0, got {tol}.")
-  return _hooi(x, ranks, n_iter, jnp.asarray(tol, x.dtype), _checks.check_method(method))
+  x, s = _checks.normalized(x, "x")
+  f, errors = _hooi(x, ranks, n_iter, jnp.asarray(tol, x.dtype), _checks.check_method(method))
+  return scaled(f, s), errors
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "n_sweeps", "oversample"))
@@ -229,4 +244,5 @@ def tucker2_sweep(
     raise ValueError(f"n_sweeps must be an int >= 1, got {n_sweeps!r}.")
   if not isinstance(oversample, int) or oversample < 0:
     raise ValueError(f"oversample must be an int >= 0, got {oversample!r}.")
-  return _tucker2_sweep(kernel, full[2:], n_sweeps, oversample, jax.random.key(seed))
+  kernel, s = _checks.normalized(kernel, "kernel")
+  return scaled(_tucker2_sweep(kernel, full[2:], n_sweeps, oversample, jax.random.key(seed)), s)

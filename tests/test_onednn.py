@@ -398,3 +398,28 @@ def test_groups_that_do_not_divide_are_refused():
   x, w = _data((2, 8, 8, 6), (3, 3, 2, 4))  # 3 groups, 4 outputs
   with pytest.raises(ValueError, match="divide w's 4 output channels"):
     onednn.conv(jnp.asarray(x), jnp.asarray(w), (1, 1), ((1, 1), (1, 1)))
+
+
+def test_under_vmap_each_item_is_its_own_conv_and_sums():
+  """`jax.vmap` over oneDNN's convs (every `ffi_call` names `vmap_method="sequential"`):
+  each mapped item equals XLA's float64 conv of that item, in values and both gradients;
+  the BatchNorm sums too."""
+  x, w = _data((3, 2, 6, 5, 4), (3, 3, 3, 4, 8))
+  dy = np.random.default_rng(1).standard_normal((3, 2, 6, 5, 8)).astype(np.float32)
+  pads = ((1, 1), (1, 1))
+
+  def f(x, w):
+    return onednn.conv(x, w, (1, 1), pads)
+
+  y, vjp = jax.vjp(jax.vmap(f), jnp.asarray(x), jnp.asarray(w))
+  dx, dw = vjp(jnp.asarray(dy))
+  for i in range(3):
+    want = _reference(x[i], w[i], (1, 1), pads, dy[i])
+    for got, ref in zip((y[i], dx[i], dw[i]), want, strict=True):
+      np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
+  k = jnp.asarray(x[0, 0, 0, 0])  # one shift for every item: an unbatched operand
+  s1, s2 = jax.vmap(onednn.batch_sums, in_axes=(0, None))(jnp.asarray(x), k)
+  for i in range(3):
+    d = np.float64(x[i]) - np.float64(x[0, 0, 0, 0])
+    np.testing.assert_allclose(s1[i], d.sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(s2[i], (d * d).sum((0, 1, 2)), rtol=1e-5, atol=1e-3)

@@ -98,15 +98,33 @@ def _empty_folder(step_dir):
     f.unlink()
 
 
-@pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _junk_meta, _zero_files, _empty_folder])
+def _one_value_changed(step_dir):
+  """A valid `arrays.npz` (its zip CRCs right) whose one value differs from the saved one:
+  only the SHA-256 in meta.json can tell."""
+  p = step_dir / "arrays.npz"
+  with np.load(p) as z:
+    arrays = {k: z[k] for k in z.files}
+  name = next(k for k, a in arrays.items() if k.startswith("params/") and a.dtype.kind == "f")
+  arrays[name] = arrays[name].copy()
+  arrays[name].flat[0] += 1
+  with open(p, "wb") as f:
+    np.savez(f, **arrays)
+  return name
+
+
+@pytest.mark.parametrize(
+  "damage", [_flip_bytes, _truncate, _junk_meta, _zero_files, _empty_folder, _one_value_changed]
+)
 def test_a_corrupt_latest_checkpoint_is_skipped_and_the_run_ends_the_same(finished, damage):
   work = finished / f"damaged_{damage.__name__}"
   shutil.copytree(finished / "full", work)
-  damage(work / "dense" / "ckpt" / "30")
+  changed = damage(work / "dense" / "ckpt" / "30")
   proc = _cli(finished, work)
   assert proc.returncode == 0, proc.stderr[-3000:]
   skipped = [ln for ln in proc.stderr.splitlines() if "skipped" in ln]
   assert len(skipped) == 1 and "ckpt/30 skipped" in skipped[0], proc.stderr[-2000:]
+  if changed:  # the checksum, naming the array, is what refused it
+    assert f"array {changed!r} does not match its checksum" in skipped[0], skipped[0]
   s1, a = _params(finished / "full")
   s2, b = _params(work)
   assert s1 == s2 == 30 and a.keys() == b.keys()
@@ -331,9 +349,7 @@ def test_a_signal_saves_the_step_in_flight_and_the_rerun_ends_bitwise_equal(
   lines = [ln for ln in err.splitlines() if ln.startswith("preempted")]
   assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
   at = int(lines[0].split()[3])
-  assert lines[0] == (
-    f"preempted at step {at} of phase dense; rerun the same command to resume"
-  )
+  assert lines[0] == (f"preempted at step {at} of phase dense; rerun the same command to resume")
   ckpt = work / "dense" / "ckpt"
   assert checkpoint.steps_on_disk(str(work / "dense"))[0] == at and seen <= at < 200
   assert not [p for p in os.listdir(ckpt) if p.startswith(".tmp")]

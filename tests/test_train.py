@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 import tnn
+from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import run as run_lib
 from train import steps as steps_lib
@@ -318,43 +319,133 @@ def test_non_finite_distortion_is_refused_and_counted():
   np.testing.assert_array_equal(tnn.layer_paths(model)[path].kernel[...], before[path])
 
 
+_WD_MOMENTUM = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)  # both move unmasked params
+
+
+def _changed_paths(old, new) -> list:
+  """`(path, changed)` of every param leaf of two `nnx.State`s of the same model."""
+  return [
+    (path, not np.array_equal(np.asarray(a[...]), np.asarray(b[...])))
+    for (path, a), (_, b) in zip(nnx.to_flat_state(old), nnx.to_flat_state(new), strict=True)
+  ]
+
+
 def test_seqkd_block_step_trains_only_its_block():
-  model, graphdef, tx, _, state = _small_state()
+  """With weight decay and momentum (which move every unmasked param even where its loss
+  gradient is zero, as BlockMSE's is outside the block), two steps change exactly the
+  params of block 1."""
+  model, graphdef, _, _, state = _small_state()
+  tx, _ = trainer.make_optimizer(_WD_MOMENTUM, 100)
+  _, state = steps_lib.init_state(model, tx, 0)
   cfg = steps_lib.StepConfig(num_classes=4, mean=(0.5,), std=(0.3,))
   mask = steps_lib.block_mask(state.params, 1)
   teacher = tnn.models.cnn(4, rngs=nnx.Rngs(1), widths=(4, 8, 8))
   step = steps_lib.make_train_step(graphdef, tx, cfg, mask, loss=steps_lib.BlockMSE(1))
   ds = data_lib.synthetic()
   old = jax.tree.map(np.asarray, state.params)
-  state, m = step(
-    state,
-    (jnp.asarray(ds.train.images[:32]), jnp.asarray(ds.train.labels[:32])),
-    steps_lib.split_model(teacher),
-  )
-  for (path, a), (_, b) in zip(
-    nnx.to_flat_state(old), nnx.to_flat_state(state.params), strict=True
-  ):
-    changed = not np.array_equal(np.asarray(a[...]), np.asarray(b[...]))
+  for s in range(2):
+    batch = (jnp.asarray(ds.train.images[32 * s : 32 * (s + 1)]), jnp.asarray(ds.train.labels[:32]))
+    state, _ = step(state, batch, steps_lib.split_model(teacher))
+  for path, changed in _changed_paths(old, state.params):
     assert changed == (path[:2] == ("blocks", 1)), path
 
 
-def test_bn_recalibration_takes_the_statistics_at_the_current_weights():
-  """With one batch holding the whole split, eval mode after recalibration computes what
-  train mode (batch statistics) computes, although the stored statistics were stale."""
-  model, graphdef, _, cfg, _ = _small_state()
+def test_seqkd_phase_through_the_trainer_leaves_every_other_block_bitwise_unchanged(tmp_path):
+  """`trainer.run_phase` with a BlockMSE loss (a Seq-KD stage), weight decay and momentum:
+  every param outside the trained block is bitwise what it was; the block's params moved."""
+  model = tnn.models.cnn(4, rngs=nnx.Rngs(0), widths=(4, 8, 8))
+  teacher = tnn.models.cnn(4, rngs=nnx.Rngs(1), widths=(4, 8, 8))
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  cfg = steps_lib.StepConfig(num_classes=4, mean=(0.5,), std=(0.3,))
+  out = trainer.run_phase(
+    "seqkd_block1",
+    str(tmp_path),
+    model,
+    data_lib.synthetic(),
+    cfg=cfg,
+    opt=_WD_MOMENTUM,
+    steps=3,
+    batch_size=32,
+    seed=0,
+    loss=steps_lib.BlockMSE(1),
+    teacher=teacher,
+  )
+  after = nnx.state(out, nnx.Param)
+  changed = _changed_paths(before, after)
+  for path, moved in changed:
+    assert moved == (path[:2] == ("blocks", 1)), path
+  assert any(path[:2] == ("blocks", 1) for path, _ in changed)
+
+
+def _bn_inputs(model, x, monkeypatch) -> list:
+  """`(BatchNorm module, its input)` of each BatchNorm layer in one eval-mode call."""
+  seen = []
+  call = tnn.norm.BatchNorm.__call__
+
+  def record(self, y, *a, **k):
+    seen.append((self, np.asarray(y, np.float64)))
+    return call(self, y, *a, **k)
+
+  monkeypatch.setattr(tnn.norm.BatchNorm, "__call__", record)
+  model.eval()
+  model(x)
+  monkeypatch.undo()
+  return seen
+
+
+def test_bn_recalibration_stores_the_statistics_computed_by_hand(monkeypatch):
+  """One batch holding the whole split: every BatchNorm's stored mean and variance are the
+  float64 mean and (biased) variance of its input, the recalibrated model run in eval mode
+  (so each layer's input comes from the recalibrated layers before it). The input model
+  keeps its own statistics (a copy is returned). With two half batches, the first layer's
+  statistics are the average of the two halves' statistics, by hand."""
+  model, _, _, cfg, _ = _small_state()
   ds = data_lib.synthetic()
   split = data_lib.Split(ds.train.images[:256], ds.train.labels[:256])
   x = data_lib.normalize(jnp.asarray(split.images), cfg.mean, cfg.std)
+  old = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   new = trainer.recalibrate_bn(model, split, cfg, batches=1, batch_size=256, seed=0)
-  new.eval()
-  model.eval()
-  stale = model(x)
-  model.train()
-  want = model(x)
-  np.testing.assert_allclose(new(x), want, rtol=1e-5, atol=1e-5)  # float32 model
-  assert not np.allclose(stale, want, atol=1e-3)  # the old statistics did differ
+  layers = _bn_inputs(new, x, monkeypatch)
+  assert len(layers) == 6  # stem and five stage convs of the small CNN
+  for bn, y in layers:
+    mean, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(bn.mean[...], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.var[...], var, rtol=1e-4, atol=1e-5)
+  for (_, a), (_, b) in zip(
+    nnx.to_flat_state(old), nnx.to_flat_state(nnx.state(model, nnx.BatchStat)), strict=True
+  ):
+    np.testing.assert_array_equal(a[...], b[...])  # the input model is untouched
+  assert not np.allclose(old["stem"]["bn"]["mean"][...], layers[0][0].mean[...])  # changed
+  # Two batches of 128: the average of the halves' statistics (first layer, by hand).
+  two = trainer.recalibrate_bn(model, split, cfg, batches=2, batch_size=128, seed=0)
+  (bn, _), *_ = _bn_inputs(two, x, monkeypatch)
+  (_, y), *_ = _bn_inputs(new, x, monkeypatch)  # the first layer's input: weights only
+  halves = [data_lib.batch_indices(256, 128, 1, b) for b in range(2)]
+  np.testing.assert_allclose(
+    bn.mean[...], np.mean([y[h].mean(axis=(0, 1, 2)) for h in halves], 0), rtol=1e-4, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    bn.var[...], np.mean([y[h].var(axis=(0, 1, 2)) for h in halves], 0), rtol=1e-4, atol=1e-5
+  )
   with pytest.raises(ValueError, match="batches must be >= 1"):
     trainer.recalibrate_bn(model, split, cfg, batches=0, batch_size=256, seed=0)
+
+
+def test_a_run_with_bn_batches_stores_recalibrated_statistics(tmp_path):
+  """`bn_batches > 0` in a section recomputes the decomposed net's BatchNorm statistics
+  before its training: after one fine-tuning step the stored statistics differ from those
+  of the same run with `bn_batches = 0` (which keeps the dense net's)."""
+  stats = {}
+  for n in (0, 2):
+    c = _config(("dense", "finetune"), steps=3)
+    c.finetune.update(steps=1, bn_batches=n, method="tucker2")
+    work = tmp_path / f"bn{n}"
+    run_lib.run(c, str(work), data_lib.synthetic())
+    _, arrays = ckpt_lib.latest_arrays(str(work / "finetune"))
+    stats[n] = {k: a for k, a in arrays.items() if k.endswith(("/mean", "/var"))}
+  assert stats[0] and stats[0].keys() == stats[2].keys()
+  differ = [k for k in stats[0] if not np.array_equal(stats[0][k], stats[2][k])]
+  assert len(differ) == len(stats[0]), sorted(set(stats[0]) - set(differ))
 
 
 def test_data_parallel_over_two_devices():
@@ -380,6 +471,18 @@ def test_data_parallel_over_two_devices():
     (lambda c: setattr(c.deeptwist, "choose_steps", 0), "deeptwist.choose_steps must be >= 1"),
     (lambda c: setattr(c, "model", "alexnet"), "unknown 'alexnet'"),
     (lambda c: setattr(c, "batch_size", 33), "does not divide"),
+    (lambda c: setattr(c, "eval_examples", -1), r"config.eval_examples must be in \[1, inf\)"),
+    (lambda c: setattr(c, "eval_examples", 0), r"config.eval_examples must be in \[1, inf\)"),
+    (lambda c: setattr(c, "eval_every", -5), r"config.eval_every must be in \[0, inf\).*0: no"),
+    (lambda c: setattr(c, "log_every", 0), r"config.log_every must be in \[1, inf\)"),
+    (lambda c: setattr(c, "checkpoint_every", 0), r"config.checkpoint_every must be in"),
+    (lambda c: setattr(c, "keep", 0), r"config.keep must be in \[1, inf\)"),
+    (lambda c: c.dense.opt.update(lr=0.0), r"config.dense.opt.lr must be in \(0, inf\), got 0.0"),
+    (lambda c: c.dense.opt.update(lr=float("nan")), r"config.dense.opt.lr must be in .*nan"),
+    (lambda c: c.dense.opt.update(momentum=1.0), r"config.dense.opt.momentum must be in \[0, 1\)"),
+    (lambda c: c.dense.opt.update(weight_decay=-1e-4), r"opt.weight_decay must be in \[0, inf\)"),
+    (lambda c: c.deeptwist.update(alpha=1.5), r"config.deeptwist.alpha must be in \[0, 1\]"),
+    (lambda c: c.deeptwist.update(temperature=0.0), r"deeptwist.temperature must be in \(0, inf"),
   ],
 )
 def test_bad_configs_fail_before_compute(tmp_path, edit, match):
@@ -584,3 +687,78 @@ def test_onecycle_schedule_and_momentum_are_pytorchs():
   mom = trainer.onecycle_momentum(n, 0.85, 0.95)
   np.testing.assert_allclose([float(ours(i)) for i in range(n)], lrs, rtol=1e-4, atol=1e-9)
   np.testing.assert_allclose([float(mom(i)) for i in range(n)], moms, rtol=1e-5)
+
+
+def test_distillation_loss_is_hintons_against_float64():
+  """`alpha T^2 CE(softmax(t / T), s / T) + (1 - alpha) CE(labels, s)`, checked against numpy
+  in float64 at an alpha and temperature where swapping or dropping a term shows."""
+  rng = np.random.default_rng(0)
+  s, t = rng.standard_normal((2, 6, 5)) * 3
+  labels = rng.integers(0, 5, 6)
+  cfg = steps_lib.StepConfig(num_classes=5, mean=(0.5,), std=(0.3,))
+  loss = steps_lib.Distillation(alpha=0.7, temperature=3.0)
+  got, logits = loss(lambda x: jnp.asarray(s, jnp.float32), None, jnp.asarray(labels), t, cfg)
+
+  def log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+  soft = np.exp(log_softmax(t / 3.0))
+  kd = -(soft * log_softmax(s / 3.0)).sum(axis=1).mean() * 9.0
+  ce = -log_softmax(s)[np.arange(6), labels].mean()
+  np.testing.assert_allclose(float(got), 0.7 * kd + 0.3 * ce, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(logits), np.float32(s))
+
+
+class _Unreadable(data_lib.Split):
+  """A split that fails the test if anything reads a row of it."""
+
+  def take(self, idx, aug_seed=None):
+    raise AssertionError("the test split was read")
+
+
+def test_hold_out_moves_the_last_training_rows_to_validation():
+  ds = data_lib.synthetic()
+  held = data_lib.hold_out(ds, 64)
+  np.testing.assert_array_equal(held.validation.images, ds.train.images[-64:])
+  np.testing.assert_array_equal(held.train.labels, ds.train.labels[:-64])
+  assert held.train.num_examples + held.validation.num_examples == ds.train.num_examples
+  assert data_lib.hold_out(ds, 0) is ds
+  with pytest.raises(ValueError, match=r"config.validation must be in \[0, 511\]"):
+    data_lib.hold_out(ds, 512)
+
+
+def test_a_run_evaluated_on_validation_never_reads_the_test_split(tmp_path):
+  """`validation=N, eval_on="validation"`: training on the first rows, every evaluation
+  (curves and result rows) on the held-out rows, and not one row of the test split read."""
+  ds = data_lib.synthetic()
+  ds = ds._replace(test=_Unreadable(ds.test.images, ds.test.labels))
+  c = _config(("dense",), steps=4)
+  c.validation, c.eval_on, c.eval_every = 128, "validation", 2
+  rows = run_lib.run(c, str(tmp_path), ds)
+  assert rows[0]["evaluated_on"] == "validation" and "test_accuracy" not in rows[0]
+  assert 0 <= rows[0]["validation_accuracy"] <= 1
+  logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert any("validation_accuracy" in r for r in logged if "step" in r)
+  c.eval_on = "validation"
+  c.validation = 0
+  with pytest.raises(ValueError, match="eval_on='validation' needs a held-out split"):
+    run_lib.run(c, str(tmp_path / "x"), ds)
+
+
+def test_cpu_conv_auto_is_onednn_where_the_plugin_loads_else_xla(monkeypatch, tmp_path, capsys):
+  c = _config(("dense",), steps=2)
+  c.cpu_conv = "auto"
+  monkeypatch.setattr(run_lib, "_onednn_status", lambda: (False, "no plugin here"))
+  assert run_lib.resolve_cpu_conv(c) == ("xla", "auto: no plugin here")
+  run_lib.run(c, str(tmp_path / "a"), data_lib.synthetic())
+  assert "convolutions on the CPU: xla (auto: no plugin here)" in capsys.readouterr().out
+  c.cpu_conv = "onednn"  # asked for explicitly where it is missing: a clear error
+  with pytest.raises(ValueError, match="config.cpu_conv='onednn': no plugin here"):
+    run_lib.run(c, str(tmp_path / "b"), data_lib.synthetic())
+  monkeypatch.setattr(run_lib, "_onednn_status", lambda: (True, "/lib/x.so"))
+  c.cpu_conv = "auto"
+  assert run_lib.resolve_cpu_conv(c)[0] == "onednn"
+  c.cpu_conv = "bogus"
+  with pytest.raises(ValueError, match="config.cpu_conv: 'bogus'; allowed auto, "):
+    run_lib.run(c, str(tmp_path / "c"), data_lib.synthetic())

@@ -209,3 +209,13 @@ def test_tucker2_sweep_oversampled_exact_rank_random_and_capped():
   assert float(decomp.rel_error(jnp.asarray(k), t)) <= hosvd * (1 + 1e-12)
   with pytest.raises(ValueError, match="oversample must be an int >= 0"):
     decomp.tucker2_sweep(k, (4, 4), oversample=-1)
+
+
+def test_hooi_refuses_a_rank_above_the_product_of_the_others():
+  """HOOI's sweep projects mode k on the other factors, an `(I_k, prod_j r_j)` matrix: a
+  rank above that product cannot be reached (it crashed in the loop before)."""
+  x = np.random.default_rng(0).standard_normal((1, 1, 2, 2))
+  with pytest.raises(ValueError, match=r"hooi: ranks\[3\] = 2 exceeds 1.*\[1, 1\]"):
+    decomp.hooi(x, (None, None, 1, 2))
+  t, _ = decomp.hooi(x, (None, None, 2, 2))  # the largest ranks it allows still work
+  np.testing.assert_allclose(np.asarray(decomp.reconstruct(t)), x, atol=1e-12)

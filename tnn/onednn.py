@@ -45,6 +45,7 @@ import tempfile
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -147,7 +148,9 @@ def _attrs(strides, pads) -> dict:
 def _call(which: str, a, b, shape, strides, pads):
   target = _TARGETS[which][0]
   out = jax.ShapeDtypeStruct(shape, a.dtype)
-  return jax.ffi.ffi_call(target, out)(a, b, **_attrs(strides, pads))
+  # Under `jax.vmap`, one call per mapped item: the kernel takes exactly (N, H, W, C) and one
+  # kernel (a vmap over convs is rare; XLA's own conv batches them as well as a loop).
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, **_attrs(strides, pads))
 
 
 def _batch_axes(sharding):
@@ -202,16 +205,44 @@ def _partitioned_call(which: str):
   return _partitioned(which, _RULES[which])
 
 
+def _looped_under_vmap(fn):
+  """`fn(*arrays)` as is; under `jax.vmap`, one call per mapped item (`lax.map`).
+
+  A `custom_partitioning` call has no batching rule, and the kernels take exactly one
+  `(N, H, W, C)` batch, so a vmapped conv (rare: XLA's own conv has no better way to
+  batch it) loops. `custom_vmap` here sits under the conv's `custom_vjp`, so it is never
+  differentiated itself."""
+
+  @jax.custom_batching.custom_vmap
+  def f(*arrays):
+    return fn(*arrays)
+
+  @f.def_vmap
+  def _rule(axis_size, in_batched, *arrays):
+    arrays = tuple(
+      a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+      for a, b in zip(arrays, in_batched, strict=True)
+    )
+    out = lax.map(lambda xs: f(*xs), arrays)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return f
+
+
+def _static_call(which: str, a, b, shape, strides, pads):
+  return _looped_under_vmap(lambda a, b: _partitioned_call(which)(a, b, shape, strides, pads))(a, b)
+
+
 def _fwd(*args):
-  return _partitioned_call("fwd")(*args)
+  return _static_call("fwd", *args)
 
 
 def _bwd_data(*args):
-  return _partitioned_call("bwd_data")(*args)
+  return _static_call("bwd_data", *args)
 
 
 def _bwd_weights(*args):
-  return _partitioned_call("bwd_weights")(*args)
+  return _static_call("bwd_weights", *args)
 
 
 def _out_shape(x_shape, w_shape, strides, pads) -> tuple:
@@ -254,7 +285,7 @@ def _xla_conv(x, w, strides, pads):
 def _sums_call(which: str, *args):
   c = args[0].shape[-1]
   out = (jax.ShapeDtypeStruct((c,), np.float32),) * 2
-  return jax.ffi.ffi_call(_TARGETS[which][0], out)(*args)
+  return jax.ffi.ffi_call(_TARGETS[which][0], out, vmap_method="sequential")(*args)
 
 
 @functools.cache
@@ -311,14 +342,14 @@ def batch_sums(x: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
   blocks of 32 rows and in double across them. Lowered for the CPU only (`tnn.norm` calls
   it inside its CPU branch). Batch-split `x` is summed per device, then across devices."""
   _check_sums_args("batch_sums", (x,), k)
-  return _partitioned_sums("bn_sums")(x, k)
+  return _looped_under_vmap(_partitioned_sums("bn_sums"))(x, k)
 
 
 def batch_grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`(sum(dy), sum(dy * (x - mean)))` over every axis but the last, as `batch_sums`: one
   pass over `dy` and `x` (`(N, H, W, C)` float32), `mean` `(C,)`. CPU only."""
   _check_sums_args("batch_grad_sums", (dy, x), mean)
-  return _partitioned_sums("bn_grad_sums")(dy, x, mean)
+  return _looped_under_vmap(_partitioned_sums("bn_grad_sums"))(dy, x, mean)
 
 
 # --- public ------------------------------------------------------------------------

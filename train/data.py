@@ -96,6 +96,29 @@ class Dataset(NamedTuple):
   num_classes: int
   mean: tuple
   std: tuple
+  validation: SplitLike | None = None  # held out of `train` (`hold_out`), if any
+
+
+def hold_out(ds: Dataset, n: int) -> Dataset:
+  """`ds` with the last `n` training examples moved to `validation` (0: `ds` as is).
+
+  The split on which hyper-parameters are chosen, so that the test split is read once per
+  final result (for Fashion-MNIST the fidelity study holds out the last 5,000 of 60,000).
+  The rows are the last `n` in the file's order, the same on every machine and run."""
+  if not n:
+    return ds
+  if not isinstance(ds.train, Split):
+    raise ValueError(
+      f"config.validation: a hold-out needs an in-memory training split; {ds.name} is "
+      "streamed. Use its own validation split (config.eval_split) instead."
+    )
+  total = ds.train.num_examples
+  if not 0 < n < total:
+    raise ValueError(f"config.validation must be in [0, {total - 1}] for {ds.name}, got {n}.")
+  images, labels = ds.train.images, ds.train.labels
+  return ds._replace(
+    train=Split(images[:-n], labels[:-n]), validation=Split(images[-n:], labels[-n:])
+  )
 
 
 # --- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------

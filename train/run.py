@@ -49,6 +49,7 @@ change: re-evaluating a finished workdir adds none), `workdir/accuracy_vs_step.p
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -97,6 +98,63 @@ def method_kind(config, name: str) -> str:
   return kind
 
 
+_RUN_NUMBERS = (  # (key, smallest allowed, what its smallest value means)
+  ("eval_examples", 1, "the number of test images evaluated during training"),
+  ("eval_every", 0, "0: no evaluation during training, only the final one"),
+  ("log_every", 1, "steps between logged rows"),
+  ("checkpoint_every", 1, "steps between checkpoints (and one at every phase's end)"),
+  ("keep", 1, "checkpoints kept per phase"),
+  ("validation", 0, "0: no hold-out; N: the last N training images held out"),
+)
+
+
+def _in_range(name: str, v, lo, hi, meaning: str = "", *, open_lo=False, open_hi=False) -> None:
+  """`ValueError` naming `name`, `v` and the range unless `lo <(=) v <(=) hi` (None: no bound);
+  NaN and non-numbers are refused."""
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+  if ok and lo is not None:
+    ok = v > lo if open_lo else v >= lo
+  if ok and hi is not None:
+    ok = v < hi if open_hi else v <= hi
+  if not ok:
+    span = f"{'(' if open_lo else '['}{lo if lo is not None else '-inf'}, "
+    span += f"{hi if hi is not None else 'inf'}{')' if open_hi or hi is None else ']'}"
+    raise ValueError(
+      f"{name} must be in {span}, got {v!r}" + (f" ({meaning})." if meaning else ".")
+    )
+
+
+def _check_section_numbers(m: str, sub) -> None:
+  """The numeric keys of method section `m`: the optimizer's and the distillation's."""
+  opt = sub.get("opt")
+  if opt is not None:
+    _in_range(f"config.{m}.opt.lr", opt.get("lr", 0.1), 0, None, open_lo=True)
+    _in_range(f"config.{m}.opt.momentum", opt.get("momentum", 0.9), 0, 1, open_hi=True)
+    _in_range(f"config.{m}.opt.weight_decay", opt.get("weight_decay", 0.0), 0, None)
+  if sub.get("alpha") is not None:
+    _in_range(f"config.{m}.alpha", sub.alpha, 0, 1, "the weight of the distillation term")
+  if sub.get("temperature") is not None:
+    _in_range(f"config.{m}.temperature", sub.temperature, 0, None, open_lo=True)
+
+
+@functools.cache
+def _onednn_status() -> tuple[bool, str]:
+  """`tnn.onednn.available()`, asked once per process (a failed build is not retried)."""
+  return tnn.onednn.available()
+
+
+def resolve_cpu_conv(config) -> tuple[str, str]:
+  """`(backend, why)` of `config.cpu_conv`: "auto" (the default) is oneDNN where jax runs
+  on the CPU and the plugin loads, XLA's convolutions otherwise."""
+  asked = config.get("cpu_conv", "auto")
+  if asked != "auto":
+    return asked, "asked for"
+  if jax.default_backend() != "cpu":
+    return "xla", f"auto: jax runs on {jax.default_backend()}"
+  ok, why = _onednn_status()
+  return ("onednn", "auto: the oneDNN plugin is available") if ok else ("xla", f"auto: {why}")
+
+
 def validate(config) -> None:
   """Every config error that can be found before any compute."""
   if len(set(config.methods)) != len(config.methods):
@@ -122,6 +180,17 @@ def validate(config) -> None:
       raise ValueError(f"config.{m}.choose_steps must be >= 1, got {sub.choose_steps}.")
     if sub is not None and sub.get("bn_batches", 0) < 0:
       raise ValueError(f"config.{m}.bn_batches must be >= 0, got {sub.bn_batches}.")
+    if sub is not None:
+      _check_section_numbers(m, sub)
+  for key, lo, meaning in _RUN_NUMBERS:
+    _in_range(f"config.{key}", config.get(key, lo), lo, None, meaning)
+  if config.get("eval_on", "test") not in ("test", "validation"):
+    raise ValueError(f"config.eval_on: {config.eval_on!r}; allowed 'test', 'validation'.")
+  if config.get("eval_on", "test") == "validation" and not config.get("validation", 0):
+    raise ValueError(
+      "config.eval_on='validation' needs a held-out split: set config.validation=N (the last "
+      "N training images; 5000 for Fashion-MNIST)."
+    )
   if config.model not in tnn.models.MODELS:
     raise ValueError(
       f"config.model: unknown {config.model!r}; allowed {sorted(tnn.models.MODELS)}."
@@ -140,11 +209,12 @@ def validate(config) -> None:
     raise ValueError(f"config.init_from: no file {config.init_from!r}.")
   if config.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.compute_dtype: {config.compute_dtype!r}; allowed float32, bfloat16.")
-  cpu_conv = config.get("cpu_conv", "xla")
-  if cpu_conv not in tnn.ops.CONV_BACKENDS:
-    raise ValueError(f"config.cpu_conv: {cpu_conv!r}; allowed {', '.join(tnn.ops.CONV_BACKENDS)}.")
+  cpu_conv = config.get("cpu_conv", "auto")
+  if cpu_conv not in ("auto", *tnn.ops.CONV_BACKENDS):
+    allowed = ", ".join(("auto", *tnn.ops.CONV_BACKENDS))
+    raise ValueError(f"config.cpu_conv: {cpu_conv!r}; allowed {allowed}.")
   if cpu_conv == "onednn" and jax.default_backend() == "cpu":
-    ok, why = tnn.onednn.available()
+    ok, why = _onednn_status()
     if not ok:
       raise ValueError(f"config.cpu_conv='onednn': {why} Or run with --config.cpu_conv=xla.")
 
@@ -199,7 +269,7 @@ def step_config(config, ds, **kw) -> steps_lib.StepConfig:
     flip=config.augment.flip,
     label_smoothing=config.label_smoothing,
     compute_dtype=config.compute_dtype,
-    cpu_conv=config.get("cpu_conv", "xla"),
+    cpu_conv=resolve_cpu_conv(config)[0],
     **kw,
   )
 
@@ -248,16 +318,19 @@ class Context:
         seed=config.seed,
       )
     )
-    self.eval_subset = data_lib.Head(ds.test, config.get("eval_examples", 1000))
+    self.eval_on = config.get("eval_on", "test")
+    self.eval_split = ds.validation if self.eval_on == "validation" else ds.test
+    self.eval_subset = data_lib.Head(self.eval_split, config.get("eval_examples", 1000))
     self.train_s = self.train_s_now = 0.0
 
   def step_cfg(self, **kw) -> steps_lib.StepConfig:
     return step_config(self.config, self.ds, **kw)
 
   def evaluate(self, model, split=None) -> float:
-    """Test accuracy of `model` on the whole test split (or `split`)."""
+    """Accuracy of `model` on the whole evaluated split (`config.eval_on`: the test split,
+    or the held-out validation split), or on `split`."""
     g, p, r = steps_lib.split_model(model)
-    return trainer.evaluate(g, p, r, split or self.ds.test, self.step_cfg())
+    return trainer.evaluate(g, p, r, split or self.eval_split, self.step_cfg())
 
   def _subset_accuracy(self, graphdef, params, rest) -> float:
     return trainer.evaluate(graphdef, params, rest, self.eval_subset, self.step_cfg())
@@ -284,6 +357,7 @@ class Context:
       self.ds,
       **step,
       evaluate=self._subset_accuracy,
+      eval_key=f"{self.eval_on}_accuracy",
       eval_every=config.get("eval_every", 0),
       checkpoint_every=config.checkpoint_every,
       keep=config.keep,
@@ -378,7 +452,7 @@ def _run_fingerprint(config) -> dict:
     augment=dict(config.augment),
     label_smoothing=config.label_smoothing,
     compute_dtype=config.compute_dtype,
-    cpu_conv=config.get("cpu_conv", "xla"),
+    cpu_conv=config.get("cpu_conv", "auto"),  # as asked: the backends differ by rounding only
     init_from=ckpt_lib.file_sha256(init_from)[:16] if init_from else "",
   )
 
@@ -552,6 +626,10 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
       image_size=config.get("image_size", 0),
       eval_split=config.get("eval_split", "test"),
     )
+  ds = data_lib.hold_out(ds, config.get("validation", 0))
+  backend, why = resolve_cpu_conv(config)
+  if jax.process_index() == 0:
+    print(f"convolutions on the CPU: {backend} ({why.splitlines()[0][:160]})", flush=True)
   image_shape = ds.train.image_shape
   in_shape = (
     1,
@@ -570,7 +648,8 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
       method=method,
       params=rep["params"],
       macs=rep["macs"],
-      test_accuracy=ctx.evaluate(model),
+      evaluated_on=ctx.eval_on,
+      **{f"{ctx.eval_on}_accuracy": ctx.evaluate(model)},
       conv_params=sum(r["params"] for r in rep["layers"] if "Conv" in r["type"]),
       train_s=round(ctx.train_s, 1),
       wall_s=round(ctx.train_s + other_s, 1),
@@ -581,7 +660,7 @@ def _run(config, workdir: str, dataset: data_lib.Dataset | None) -> list:
     rows.append(row)
     print(json.dumps(row), flush=True)
     old = logged.get(method, {})
-    same = all(old.get(k) == row[k] for k in ("test_accuracy", "params", "train_s"))
+    same = all(old.get(k) == row[k] for k in (f"{ctx.eval_on}_accuracy", "params", "train_s"))
     if jax.process_index() == 0 and not same:  # a re-evaluation adds no duplicate row
       with open(metrics_path, "a") as f:
         f.write(json.dumps({"phase": method, "event": "result", **row}) + "\n")
@@ -640,6 +719,12 @@ def _estimate_sd(config, ds, dense, groups, c):
   return est
 
 
+def accuracy(row: dict) -> float | None:
+  """A result or metrics row's accuracy on the split it was evaluated on (`test_accuracy`,
+  or `validation_accuracy` under `config.eval_on="validation"`)."""
+  return row.get("test_accuracy", row.get("validation_accuracy"))
+
+
 def print_table(rows) -> None:
   print(
     f"\n{'method':10s} {'params':>9s} {'conv %':>7s} {'MACs':>11s} {'test acc':>9s} {'wall s':>7s}"
@@ -648,7 +733,7 @@ def print_table(rows) -> None:
     conv = 100 * r.get("conv_ratio", 1.0)
     print(
       f"{r['method']:10s} {r['params']:9d} {conv:6.1f}% {r['macs']:11d} "
-      f"{r['test_accuracy']:9.4f} {r['wall_s']:7.1f}"
+      f"{accuracy(r):9.4f} {r['wall_s']:7.1f}"
     )
 
 
@@ -692,9 +777,7 @@ def step_curves(metrics: list, rows: list) -> dict:
     offset, curves = 0, []
     for p in method_phases(r["method"], phases):
       mine = [m for m in logs if m["phase"] == p]
-      acc = dict(
-        sorted({m["step"]: m["test_accuracy"] for m in mine if "test_accuracy" in m}.items())
-      )
+      acc = dict(sorted({m["step"]: accuracy(m) for m in mine if accuracy(m) is not None}.items()))
       curves.append((p, [offset + s for s in acc], list(acc.values())))
       offset += max(m["step"] for m in mine)
     out[r["method"]] = curves
@@ -717,7 +800,7 @@ def plots(workdir: str, rows: list) -> dict:
   if bad:
     print(f"metrics.jsonl: {bad} unreadable line(s) skipped in the plots")
   curves = step_curves(metrics, rows)
-  dense_acc = rows[0]["test_accuracy"] if rows else None
+  dense_acc = accuracy(rows[0]) if rows else None
   n = max(len(rows), 1)
   cols = min(3, n)
   fig, axes = plt.subplots(
@@ -734,7 +817,7 @@ def plots(workdir: str, rows: list) -> dict:
         ax.axvline(s, color="grey", lw=0.4, alpha=0.4, gid="distortion")
     if dense_acc is not None:
       ax.axhline(dense_acc, color="k", ls="--", lw=0.8, label="dense (test)", gid="dense")
-    ax.set_title(f"{r['method']}: {r['test_accuracy']:.4f}", fontsize=9)
+    ax.set_title(f"{r['method']}: {accuracy(r):.4f}", fontsize=9)
     ax.set_xlabel("step" + (" (grey: distortions)" if r.get("sd") else ""), fontsize=8)
     ax.set_ylabel("test accuracy (subset)", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -744,7 +827,7 @@ def plots(workdir: str, rows: list) -> dict:
   plt.close(fig)
   fig2, ax = plt.subplots(figsize=(5.5, 4))
   for r in rows:
-    ax.scatter(100 * r.get("conv_ratio", 1.0), r["test_accuracy"], label=r["method"], s=25)
+    ax.scatter(100 * r.get("conv_ratio", 1.0), accuracy(r), label=r["method"], s=25)
   if dense_acc is not None:
     ax.axhline(dense_acc, color="k", ls="--", lw=0.8)
   share = [100 * r.get("conv_ratio", 1.0) for r in rows] or [100.0]

@@ -322,6 +322,7 @@ def run_phase(
   loss=None,
   teacher: nnx.Module | None = None,
   evaluate: Callable | None = None,
+  eval_key: str = "test_accuracy",
   eval_every: int = 0,
   checkpoint_every: int = 200,
   keep: int = 2,
@@ -334,13 +335,13 @@ def run_phase(
 
   `loss`: a `train.steps` loss (default `CrossEntropy`; `BlockMSE` trains only its
   block); `teacher` for the losses that need one. `evaluate(graphdef, params, rest) ->
-  accuracy` (on a fixed test subset) is logged as `test_accuracy` every `eval_every` steps
-  and at the end (0: never); it reads the state and changes nothing. `fingerprint`: what
-  the caller knows shapes this phase (model, plan, parent phase); the optimizer, steps,
-  batch size, seed, loss and step settings are added here. `resume="force"` continues from
-  a checkpoint whose fingerprint differs (the caller records that). `stop_after` (tests)
-  stops the loop after that many steps of this invocation, as a kill would, leaving the
-  checkpoints as they are.
+  accuracy` (on a fixed subset of the evaluated split) is logged as `eval_key` every
+  `eval_every` steps and at the end (0: never); it reads the state and changes nothing.
+  `fingerprint`: what the caller knows shapes this phase (model, plan, parent phase); the
+  optimizer, steps, batch size, seed, loss and step settings are added here.
+  `resume="force"` continues from a checkpoint whose fingerprint differs (the caller
+  records that). `stop_after` (tests) stops the loop after that many steps of this
+  invocation, as a kill would, leaving the checkpoints as they are.
 
   Each checkpoint keeps `train_s`, the seconds this phase's loop has run over all its
   invocations (`phase_seconds`), so a resumed or re-evaluated run reports its real time.
@@ -447,7 +448,7 @@ def run_phase(
           row["distorted"] = bool(steps_lib.is_distortion(done, cfg.sd))
         t0, seen = time.time(), 0
       if evaluate is not None and eval_every and (done % eval_every == 0 or done == steps):
-        row.update(step=done, test_accuracy=float(evaluate(graphdef, state.params, state.rest)))
+        row.update(step=done, **{eval_key: float(evaluate(graphdef, state.params, state.rest))})
         t0 = time.time()  # the evaluation is not counted in the next images/s
       if row:
         logger.log(row)

@@ -51,8 +51,9 @@ def base(dataset: str, model: str, *, batch_size: int = 128) -> ml_collections.C
   c.label_smoothing = 0.0
   c.compute_dtype = "float32"
   # Convolutions where the program runs on the CPU: "onednn" (tnn.onednn: 2-5x XLA's on
-  # the ResNet shapes) or "xla". On a GPU or TPU both mean XLA's own.
-  c.cpu_conv = "onednn"
+  # the ResNet shapes), "xla", or "auto" (oneDNN where its plugin loads, else XLA's; the
+  # run prints which). On a GPU or TPU all mean XLA's own.
+  c.cpu_conv = "auto"
   c.batch_size = batch_size
   c.seed = 0
   c.init_from = ""  # a weights file the dense net starts from (a kept teacher, .npz)
@@ -62,6 +63,11 @@ def base(dataset: str, model: str, *, batch_size: int = 128) -> ml_collections.C
   c.log_every = 100
   c.eval_every = 500  # test accuracy on the first `eval_examples` test images (the plots)
   c.eval_examples = 1000
+  # The last `validation` training images held out (0: none); `eval_on="validation"`
+  # evaluates them instead of the test split (hyper-parameter searches), the test split
+  # then never read. Every result row records the split it was evaluated on.
+  c.validation = 0
+  c.eval_on = "test"
   return c
 
 
