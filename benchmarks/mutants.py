@@ -198,7 +198,7 @@ MUTANTS = [
     "train/trainer.py",
     "          save(s)  # the steps before the signal are kept: a rerun resumes here",
     "          pass",
-    ("tests/test_reliability.py", "-k", "signal and 15-1"),
+    ("tests/test_reliability.py", "-k", "signal and signals0"),
   ),
   Mutant(
     "resume_reads_the_wrong_batch",

@@ -59,6 +59,8 @@ def normalized(x: jax.Array, name: str, batch_dims: int = 0) -> tuple[jax.Array,
     n = math.prod(x.shape[batch_dims:])
     # On the host: XLA's CPU flushes subnormals to zero, which would hide them.
     host = np.max(np.abs(np.asarray(x, np.float64)), axis=axes).reshape(-1)
+    if not np.all(np.isfinite(host)):
+      raise ValueError(f"{name} contains NaN or Inf; decompositions need finite input.")
     hi = float(host.max())
     pos = host[host > 0]
     lo = float(pos.min()) if pos.size else 0.0
