@@ -726,9 +726,9 @@ def accuracy(row: dict) -> float | None:
 
 
 def print_table(rows) -> None:
-  print(
-    f"\n{'method':10s} {'params':>9s} {'conv %':>7s} {'MACs':>11s} {'test acc':>9s} {'wall s':>7s}"
-  )
+  split = rows[0].get("evaluated_on", "test") if rows else "test"
+  acc = "val acc" if split == "validation" else "test acc"
+  print(f"\n{'method':10s} {'params':>9s} {'conv %':>7s} {'MACs':>11s} {acc:>9s} {'wall s':>7s}")
   for r in rows:
     conv = 100 * r.get("conv_ratio", 1.0)
     print(

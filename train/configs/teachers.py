@@ -4,7 +4,7 @@ fidelity study and the demo starts from one of them (`--config.init_from=teacher
   python -m train --config train/configs/teachers.py:resnet20 --workdir DIR
   python -m train --config train/configs/teachers.py:cnn --workdir DIR
   python -m train --config train/configs/teachers.py:lenet5 --workdir DIR
-  python -m train.teacher --workdir DIR --out teachers/NAME.npz   # export the dense phase
+  python -m train.export_teacher --workdir DIR --out teachers/NAME.npz   # export the dense phase
 
 ARG: the net. Hardware: the 2-core x86_64 CPU of this project (no GPU); the longest
 schedule that fit a session there (the README's teacher table gives the command, date,
