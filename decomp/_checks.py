@@ -41,7 +41,9 @@ def as_float_array(
   return arr
 
 
-def normalized(x: jax.Array, name: str, batch_dims: int = 0) -> tuple[jax.Array, jax.Array]:
+def normalized(
+  x: jax.Array, name: str, batch_dims: int = 0, names=None
+) -> tuple[jax.Array, jax.Array]:
   """`(x / s, s)` with `s = max|x|` (1 where `x` is zero), per item of the leading
   `batch_dims` axes (`s` has their shape).
 
@@ -51,7 +53,8 @@ def normalized(x: jax.Array, name: str, batch_dims: int = 0) -> tuple[jax.Array,
   (`decomp.factors.scaled`) is exact at any scale the dtype holds. On concrete input, an
   `x` whose norm would overflow the dtype (`max|x| sqrt(size)` above its largest finite
   value), or whose largest entry is below its smallest normal number (its digits are
-  already lost), raises `ValueError`."""
+  already lost), raises `ValueError` naming `name`, or with one batch axis `names[i]` of the
+  item at fault."""
   axes = tuple(range(batch_dims, x.ndim))
   m = jnp.max(jnp.abs(x), axis=axes)
   if is_concrete(x):
@@ -59,6 +62,10 @@ def normalized(x: jax.Array, name: str, batch_dims: int = 0) -> tuple[jax.Array,
     n = math.prod(x.shape[batch_dims:])
     # On the host: XLA's CPU flushes subnormals to zero, which would hide them.
     host = np.max(np.abs(np.asarray(x, np.float64)), axis=axes).reshape(-1)
+    if names is not None:  # the first item at fault names itself
+      bad = ~np.isfinite(host) | (host * math.sqrt(n) > float(info.max))
+      bad |= (host > 0) & (host < float(info.tiny))
+      name = names[int(np.argmax(bad))] if bad.any() else name
     if not np.all(np.isfinite(host)):
       raise ValueError(f"{name} contains NaN or Inf; decompositions need finite input.")
     hi = float(host.max())

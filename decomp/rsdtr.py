@@ -438,10 +438,7 @@ def _search(stacks_of_kernels: list, names: list, eps: float, method: str) -> li
   # ranks depend on relative errors only, and the Gram matrices of a kernel of 1e20 overflow.
   normal, scales = [], []
   for stack, stack_names in zip(stacks_of_kernels, names, strict=True):
-    if _checks.is_concrete(stack):
-      for k, name in zip(stack, stack_names, strict=True):  # an error names its kernel
-        _checks.normalized(k, name)
-    k, s = _checks.normalized(stack, "kernels", batch_dims=1)
+    k, s = _checks.normalized(stack, "kernels", batch_dims=1, names=stack_names)
     normal.append(k)
     scales.extend(np.asarray(s))
   with _blas.single_threaded_blas():  # many small LAPACK calls: see decomp._blas
