@@ -42,12 +42,8 @@ def _check_ranks(x: jax.Array, ranks, fn: str) -> tuple:
 
 @functools.partial(jax.jit, static_argnames=("ranks", "method"))
 def _hosvd(x, ranks, method):
-  # The factors are those of x / max|x|: the Gram matrices of x itself overflow float32
-  # above |x| ~ 1e19 and underflow below ~1e-19 (NaN or wrong subspaces); the core is
-  # projected from x, so the scale comes back exactly.
-  scale = jnp.max(jnp.abs(x))
-  xs = x / jnp.where(scale > 0, scale, 1).astype(x.dtype)
-  factors = tuple(None if r is None else _leading(xs, k, r, method) for k, r in enumerate(ranks))
+  # `x` comes normalised (max|x| = 1) from every caller: `_checks.normalized`.
+  factors = tuple(None if r is None else _leading(x, k, r, method) for k, r in enumerate(ranks))
   return Tucker(_project(x, factors), factors)
 
 
